@@ -1,0 +1,1 @@
+"""moekit.kernels: Triton MoE kernels (leaf layer: torch + triton only, triton optional)."""

@@ -1,0 +1,1 @@
+"""moekit.planner: expert placement planning (leaf layer: numpy + pulp, never torch)."""
