@@ -2,8 +2,11 @@
 
 ``import moekit`` never imports triton and never initialises CUDA.
 """
-from moekit.config import MoEConfig, PRESETS
+from moekit.config import PRESETS, MoEConfig
+from moekit.layer import MoELayer, moe_layers, register_bias_update_hook, switch_aux_loss
+from moekit.router import Routing, TopKRouter
 
 __version__ = "0.1.0"
 
-__all__ = ["MoEConfig", "PRESETS", "__version__"]
+__all__ = ["MoEConfig", "PRESETS", "MoELayer", "Routing", "TopKRouter", "moe_layers",
+           "register_bias_update_hook", "switch_aux_loss", "__version__"]

@@ -1,0 +1,217 @@
+"""MoELayer: router + capacity + routed experts (+ shared experts), single-device semantics.
+
+This layer is the reference every parallel, fused and offloaded path is tested against.
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, B batch, S sequence.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config import MoEConfig
+from moekit.experts import DenseMLP, GroupedExperts
+from moekit.router import Routing, TopKRouter, apply_capacity, expert_capacity
+
+RoutingObserver = Callable[["MoELayer", Routing], None]
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Identity on ``y`` whose backward also sends d(loss)=1 into ``loss`` (Megatron's
+    aux-loss autoscaler trick): the loss trains the router without changing ``forward``'s
+    return type. Gradients flow only where ``y`` reaches the final loss."""
+
+    @staticmethod
+    def forward(ctx, y, loss):
+        ctx.save_for_backward(loss)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (loss,) = ctx.saved_tensors
+        return grad_y, torch.ones_like(loss)
+
+
+class MoELayer(nn.Module):
+    """A drop-in Mixture-of-Experts block.
+
+    ``forward(hidden [..., D]) -> [..., D]``. After each forward:
+
+    - ``tokens_per_expert``: int64 [E] assignments kept per expert (after capacity);
+    - ``aux_loss``, ``z_loss``, ``seq_aux_loss``: the weighted loss terms of the last
+      training forward (detached, for logging; already in the graph through the output);
+    - ``expert_load``: int64 [E] selections accumulated since the last :meth:`update_bias`.
+
+    Submodules and parameters (HF-compatible orientation, see :mod:`moekit.hf`):
+    ``router.weight [E, D]``, ``experts.w_in [E, H, D]`` (H = 2F for GLU, gate rows
+    first), ``experts.w_out [E, D, F]``, ``shared_expert.w_in [H_s, D]``,
+    ``shared_expert.w_out [D, S]``, ``shared_expert_gate.weight [1, D]``.
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.router = TopKRouter(config)
+        self.experts = GroupedExperts(config)
+        if config.num_shared_experts:
+            self.shared_expert = DenseMLP(config.hidden_size, config.shared_hidden, config.activation,
+                                          config.init_std)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+        else:
+            self.shared_expert = None
+            self.shared_expert_gate = None
+        E = config.num_experts
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long), persistent=False)
+        self.register_buffer("expert_load", torch.zeros(E, dtype=torch.long), persistent=False)
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.seq_aux_loss: Optional[torch.Tensor] = None
+        self.z_loss: Optional[torch.Tensor] = None
+        self._observers: list[RoutingObserver] = []
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., D] -> [..., D]."""
+        cfg = self.config
+        self._check_input(hidden)
+        shape = hidden.shape
+        x_TD = hidden.reshape(-1, cfg.hidden_size)
+        if self.training and cfg.router_jitter > 0:
+            noise = torch.empty_like(x_TD).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
+            x_TD = x_TD * noise
+        routing = self.router(x_TD)
+        with torch.no_grad():
+            self.expert_load += routing.tokens_per_expert_E
+        losses = self._compute_losses(routing, shape)
+        capacity = expert_capacity(cfg, x_TD.shape[0], routing.tokens_per_expert_E)
+        routing = apply_capacity(routing, capacity, cfg.drop_policy)
+        self.tokens_per_expert.copy_(routing.tokens_per_expert_E)
+        for observe in self._observers:
+            observe(self, routing)
+        y_TD = self.experts(x_TD, routing.topk_ids_TK, routing.topk_weights_TK.to(x_TD.dtype))
+        if self.shared_expert is not None:
+            shared_TD = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        if losses:
+            y_TD = _AttachLoss.apply(y_TD, sum(losses.values()))
+        return y_TD.view(shape)
+
+    def _check_input(self, hidden: torch.Tensor) -> None:
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError(f"MoELayer input must be a torch.Tensor, got {type(hidden).__name__}")
+        if not hidden.is_floating_point():
+            raise TypeError(f"MoELayer input must be floating point, got dtype {hidden.dtype}")
+        if hidden.dim() < 1 or hidden.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"MoELayer input must have shape [..., D={self.config.hidden_size}], got {tuple(hidden.shape)}")
+        w = self.experts.w_in
+        if hidden.dtype != w.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            raise TypeError(f"MoELayer input dtype {hidden.dtype} differs from the parameters' {w.dtype}; "
+                            f"cast one of them (layer.to(dtype) or input.to(dtype))")
+
+    # ---- losses -------------------------------------------------------------------------------
+    def _compute_losses(self, routing: Routing, shape: torch.Size) -> dict[str, torch.Tensor]:
+        """Weighted loss terms (in the graph) of a training forward; also stored detached
+        on the layer as ``aux_loss``, ``seq_aux_loss``, ``z_loss`` for logging."""
+        cfg = self.config
+        self.aux_loss = self.seq_aux_loss = self.z_loss = None
+        losses: dict[str, torch.Tensor] = {}
+        if not (self.training and torch.is_grad_enabled()) or routing.num_tokens == 0:
+            return losses
+        if cfg.aux_loss_coef > 0:
+            losses["aux_loss"] = cfg.aux_loss_coef * switch_aux_loss(
+                routing.scores_TE, routing.topk_ids_TK, cfg.top_k, cfg.aux_loss_norm, cfg.router == "sigmoid")
+        if cfg.seq_aux_loss_coef > 0:
+            if len(shape) < 3:
+                raise ValueError(f"seq_aux_loss_coef needs input shaped [B, S, D], got {tuple(shape)}")
+            S = shape[-2]
+            B = routing.num_tokens // S
+            scores_BSE = routing.scores_TE.view(B, S, -1)
+            ids_BSK = routing.topk_ids_TK.view(B, S, -1)
+            per_seq = [switch_aux_loss(scores_BSE[b], ids_BSK[b], cfg.top_k, cfg.aux_loss_norm,
+                                       cfg.router == "sigmoid") for b in range(B)]
+            losses["seq_aux_loss"] = cfg.seq_aux_loss_coef * torch.stack(per_seq).mean()
+        if cfg.z_loss_coef > 0:
+            losses["z_loss"] = cfg.z_loss_coef * torch.logsumexp(routing.logits_TE, dim=-1).square().mean()
+        for name, value in losses.items():
+            setattr(self, name, value.detach())
+        return losses
+
+    # ---- aux-loss-free balancing -------------------------------------------------------------
+    @torch.no_grad()
+    def update_bias(self, group: Optional["torch.distributed.ProcessGroup"] = None) -> torch.Tensor:
+        """DeepSeek's aux-loss-free update ``b += rate * sign(mean(load) - load)`` from the
+        selections accumulated since the last call (all-reduced over ``group`` when given),
+        then resets the accumulator. Returns the load used, int64 [E]."""
+        cfg = self.config
+        if self.router.e_score_correction_bias is None:
+            raise RuntimeError("update_bias needs MoEConfig(score_correction_bias=True)")
+        load_E = self.expert_load.clone()
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(load_E, group=group)
+        load_f = load_E.float()
+        self.router.e_score_correction_bias += cfg.bias_update_rate * torch.sign(load_f.mean() - load_f)
+        self.expert_load.zero_()
+        return load_E
+
+    # ---- observers (trace recording, expert-parallel hooks) -----------------------------------
+    def add_routing_observer(self, fn: RoutingObserver) -> Callable[[], None]:
+        """Call ``fn(layer, routing)`` after routing (capacity applied) in every forward.
+        Returns a function that removes it."""
+        self._observers.append(fn)
+        return lambda: self._observers.remove(fn)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"D={c.hidden_size}, F={c.ffn_hidden_size}, E={c.num_experts}, K={c.top_k}, "
+                f"router={c.router}, activation={c.activation}, shared={c.shared_hidden}, backend={c.backend}")
+
+
+def switch_aux_loss(scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, top_k: int, norm: str,
+                    normalize_scores: bool = False) -> torch.Tensor:
+    """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e`` (unweighted).
+
+    f_e: top-k selections of expert e per token, divided by T (``norm="hf"``, sums to K,
+    equals HF's ``load_balancing_loss_func`` for one layer) or by T*K (``"megatron"``,
+    sums to 1). P_e: mean router probability (sigmoid scores normalised per token first).
+    Ids of -1 are ignored.
+    """
+    T, E = scores_TE.shape
+    if T == 0:
+        return scores_TE.sum() * 0.0
+    if normalize_scores:
+        scores_TE = scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
+    valid = topk_ids_TK >= 0
+    counts_E = torch.bincount(topk_ids_TK[valid], minlength=E).to(scores_TE.dtype)
+    f_E = counts_E / (T if norm == "hf" else T * top_k)
+    P_E = scores_TE.mean(0)
+    return E * (f_E * P_E).sum()
+
+
+def moe_layers(model: nn.Module) -> Iterable[tuple[str, MoELayer]]:
+    """(qualified name, layer) for every MoELayer inside ``model``, in module order."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, MoELayer))
+
+
+def register_bias_update_hook(optimizer: torch.optim.Optimizer, model: nn.Module,
+                              group: Optional["torch.distributed.ProcessGroup"] = None):
+    """After every ``optimizer.step()``, apply :meth:`MoELayer.update_bias` to each layer of
+    ``model`` that has a correction bias and ``bias_update_rate > 0``. Returns the hook handle."""
+    layers = [m for _, m in moe_layers(model)
+              if m.router.e_score_correction_bias is not None and m.config.bias_update_rate > 0]
+    if not layers:
+        raise ValueError("no MoELayer in the model has score_correction_bias and bias_update_rate > 0")
+
+    def hook(opt, args, kwargs):
+        for layer in layers:
+            layer.update_bias(group)
+
+    return optimizer.register_step_post_hook(hook)
