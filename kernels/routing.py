@@ -1,0 +1,199 @@
+"""Fused router epilogue: scores -> (group-limited) top-k -> weights, plus per-expert counts.
+
+Legend: T tokens, E experts, K top-k, G expert groups (``n_group``).
+
+Semantics (identical in ``_route_topk_kernel`` and ``route_topk_ref``; fp32 throughout):
+
+* ``score_func="softmax"`` (Mixtral / Qwen / OLMoE): ``s = softmax(fp32 logits)``,
+  selection score ``c = s`` (+ ``bias_E`` if given).
+* ``score_func="sigmoid"`` (DeepSeek-V3): ``s = sigmoid(fp32 logits)``, ``c = s + bias_E``.
+* ``n_group > 1``: experts are split into G contiguous groups of E/G; a group scores the
+  sum of its two largest ``c``; only the best ``topk_group`` groups stay eligible, the
+  other experts' ``c`` is set to ``-inf``.
+* ``topk_ids = top-k of c`` (descending; **ties go to the lower expert index**, and among
+  groups with equal scores to the lower group index), ``topk_weights = s[topk_ids]`` (the
+  *unbiased* score), renormalised to sum 1 when ``renormalize`` (softmax: ``w / sum w``;
+  sigmoid: ``w / (sum w + 1e-20)``), then multiplied by ``scaling_factor``.
+* ``counts_E[e]`` = number of (token, slot) pairs routed to e (sums to T*K).
+
+Outputs: ``topk_ids_TK`` int32, ``topk_weights_TK`` float32, ``counts_E`` int32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._triton_compat import check_runnable, next_pow2, tl, triton
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+@triton.jit
+def _route_topk_kernel(
+    logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr,
+    T, E, stride_t, scale,
+    K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
+    t_ok = offs_t < T
+    e_ok = offs_e < E
+    ok = t_ok[:, None] & e_ok[None, :]
+    neg_inf = float("-inf")
+
+    logits = tl.load(logits_ptr + offs_t.to(tl.int64)[:, None] * stride_t + offs_e[None, :],
+                     mask=ok, other=neg_inf).to(tl.float32)
+    if SIGMOID:
+        s = tl.where(ok, tl.sigmoid(logits), 0.0)
+    else:
+        row_max = tl.max(logits, axis=1)
+        row_max = tl.where(t_ok, row_max, 0.0)
+        p = tl.where(ok, tl.exp(logits - row_max[:, None]), 0.0)
+        denom = tl.sum(p, axis=1)
+        denom = tl.where(t_ok, denom, 1.0)
+        s = p / denom[:, None]
+    c = s
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+        c = c + bias[None, :]
+    c = tl.where(e_ok[None, :], c, neg_inf)
+
+    if N_GROUP > 1:
+        group_size = E // N_GROUP
+        gid = offs_e // group_size
+        gscore = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for g in tl.static_range(N_GROUP):
+            in_g = (gid == g)[None, :] & e_ok[None, :]
+            v = tl.where(in_g, c, neg_inf)
+            m1 = tl.max(v, axis=1)
+            i1 = tl.min(tl.where(v == m1[:, None], offs_e[None, :], BLOCK_E), axis=1)
+            v2 = tl.where(offs_e[None, :] == i1[:, None], neg_inf, v)
+            m2 = tl.max(v2, axis=1)
+            gscore = tl.where(in_g, (m1 + m2)[:, None], gscore)
+        gscore = tl.where(e_ok[None, :], gscore, neg_inf)
+        keep = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
+        for _j in tl.static_range(TOPK_GROUP):
+            left = tl.where(keep, neg_inf, gscore)
+            mg = tl.max(left, axis=1)
+            cand = (left == mg[:, None]) & e_ok[None, :] & (keep == 0)
+            first = tl.min(tl.where(cand, offs_e[None, :], BLOCK_E), axis=1)
+            gsel = first // group_size
+            keep = keep | (gid[None, :] == gsel[:, None])
+        c = tl.where(keep, c, neg_inf)
+
+    ids_tile = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    w_tile = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    wsum = tl.zeros([BLOCK_T], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for k in tl.static_range(K):
+        mk = tl.max(c, axis=1)
+        ik = tl.min(tl.where(c == mk[:, None], offs_e[None, :], BLOCK_E), axis=1)
+        ik = tl.minimum(ik, E - 1)  # only reachable for NaN rows
+        hit = offs_e[None, :] == ik[:, None]
+        wk = tl.sum(tl.where(hit, s, 0.0), axis=1)
+        ids_tile = tl.where(offs_k[None, :] == k, ik[:, None], ids_tile)
+        w_tile = tl.where(offs_k[None, :] == k, wk[:, None], w_tile)
+        wsum += wk
+        c = tl.where(hit, neg_inf, c)
+        cnt += tl.sum((hit & t_ok[:, None]).to(tl.int32), axis=0)
+    if RENORM:
+        w_tile = w_tile / tl.where(t_ok, wsum + EPS, 1.0)[:, None]
+    w_tile = w_tile * scale
+    out_ok = t_ok[:, None] & (offs_k[None, :] < K)
+    out_off = offs_t.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(ids_ptr + out_off, ids_tile, mask=out_ok)
+    tl.store(w_ptr + out_off, w_tile, mask=out_ok)
+    tl.atomic_add(counts_ptr + offs_e, cnt, mask=e_ok)
+
+
+def _validate(logits_TE, top_k, score_func, bias_E, n_group, topk_group, scaling_factor):
+    if not isinstance(logits_TE, torch.Tensor) or logits_TE.dim() != 2:
+        raise ValueError(f"logits_TE must be a 2-D tensor [T, E], got "
+                         f"{getattr(logits_TE, 'shape', type(logits_TE))}")
+    if not logits_TE.is_floating_point():
+        raise ValueError(f"logits_TE must be floating point, got {logits_TE.dtype}")
+    T, E = logits_TE.shape
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+    if not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
+    if bias_E is not None and (bias_E.dim() != 1 or bias_E.shape[0] != E):
+        raise ValueError(f"bias_E must have shape [E={E}], got {tuple(bias_E.shape)}")
+    if not isinstance(n_group, int) or n_group < 1 or E % n_group:
+        raise ValueError(f"n_group={n_group!r} must be a positive int dividing E={E}")
+    if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group!r} must be an int in [1, n_group={n_group}]")
+    if n_group > 1:
+        if E // n_group < 2:
+            raise ValueError(f"group-limited routing needs >= 2 experts per group, got E/n_group={E // n_group}")
+        if topk_group * (E // n_group) < top_k:
+            raise ValueError(f"topk_group={topk_group} groups of {E // n_group} experts cannot hold top_k={top_k}")
+    if not scaling_factor > 0:
+        raise ValueError(f"scaling_factor must be > 0, got {scaling_factor!r}")
+    return T, E
+
+
+def route_topk(logits_TE: torch.Tensor, top_k: int, *, score_func: str = "softmax",
+               bias_E: Optional[torch.Tensor] = None, n_group: int = 1, topk_group: int = 1,
+               renormalize: bool = True, scaling_factor: float = 1.0,
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused top-k routing (one Triton pass). Returns ``(topk_ids_TK int32, topk_weights_TK
+    float32, counts_E int32)``; see the module docstring for the exact semantics.
+    Not differentiable (the router's autograd runs on the torch side)."""
+    T, E = _validate(logits_TE, top_k, score_func, bias_E, n_group, topk_group, scaling_factor)
+    tensors = [logits_TE] + ([bias_E] if bias_E is not None else [])
+    check_runnable(*tensors, op="route_topk")
+    dev = logits_TE.device
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
+    w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
+    counts = torch.zeros(E, dtype=torch.int32, device=dev)
+    if T == 0:
+        return ids, w, counts
+    logits = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
+    bias = bias_E.detach().float().contiguous() if bias_E is not None else counts  # dummy ptr
+    BLOCK_E = next_pow2(E)
+    BLOCK_T = max(1, min(64, 4096 // BLOCK_E, next_pow2(T)))
+    grid = (triton.cdiv(T, BLOCK_T),)
+    sigmoid = score_func == "sigmoid"
+    _route_topk_kernel[grid](
+        logits.detach(), bias, ids, w, counts, T, E, logits.stride(0), float(scaling_factor),
+        K=top_k, SIGMOID=sigmoid, HAS_BIAS=bias_E is not None, N_GROUP=n_group,
+        TOPK_GROUP=topk_group, RENORM=bool(renormalize), EPS=1e-20 if sigmoid else 0.0,
+        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=next_pow2(top_k))
+    return ids, w, counts
+
+
+def _stable_topk_idx(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries per row, ties toward the lower index."""
+    return torch.sort(v, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def route_topk_ref(logits_TE: torch.Tensor, top_k: int, *, score_func: str = "softmax",
+                   bias_E: Optional[torch.Tensor] = None, n_group: int = 1, topk_group: int = 1,
+                   renormalize: bool = True, scaling_factor: float = 1.0,
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-torch reference of :func:`route_topk` (same outputs, same tie-breaking).
+    Differentiable w.r.t. ``logits_TE`` through ``topk_weights_TK``."""
+    T, E = _validate(logits_TE, top_k, score_func, bias_E, n_group, topk_group, scaling_factor)
+    logits = logits_TE.float()
+    s = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    c = s.detach()
+    if bias_E is not None:
+        c = c + bias_E.detach().float()
+    if n_group > 1:
+        gs = c.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)  # [T, G]
+        gidx = _stable_topk_idx(gs, topk_group)
+        gmask = torch.zeros(T, n_group, dtype=torch.bool, device=c.device).scatter_(1, gidx, True)
+        c = c.masked_fill(~gmask.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    idx = _stable_topk_idx(c, top_k)
+    w = s.gather(1, idx)
+    if renormalize:
+        w = w / (w.sum(-1, keepdim=True) + (1e-20 if score_func == "sigmoid" else 0.0))
+    w = w * scaling_factor
+    counts = torch.bincount(idx.flatten(), minlength=E).to(torch.int32)
+    return idx.to(torch.int32), w, counts
