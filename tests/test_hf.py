@@ -77,6 +77,16 @@ def build(family: str, tmp_dir, seed: int = 0, **over):
     return loaded.eval()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: intra-op threads only add sync overhead, and on a loaded 2-core
+    box OpenMP spinning made this file 10-100x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 _CACHE: dict[tuple, nn.Module] = {}
 
 
