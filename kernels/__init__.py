@@ -25,7 +25,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
+
+
+def _triton_importable() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None
+        return False
+
+
+HAS_TRITON: bool = _triton_importable()
 
 _EXPORTS = {
     "moe_mlp": "grouped_mlp",
