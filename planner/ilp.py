@@ -73,11 +73,10 @@ def layer_bounds(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray | None = No
         part = w[top - m - 1: top].sum()
         rest = asc[: S - m - 1].sum() if S - m - 1 > 0 else 0.0
         best = max(best, part + rest)
-    integral = np.all(cnt == 1) and np.allclose(load_E, np.round(load_E))
-    if integral:
-        best = max(best, math.ceil(mean - 1e-9))
-        if np.all(cnt == 1) and G * S == E:
-            glob = max(glob, best)     # counts are forced: the bound is global
+    if np.all(cnt == 1) and np.allclose(load_E, np.round(load_E)):
+        best = max(best, math.ceil(mean - 1e-9))   # integral loads: the max is an integer
+    if G * S == E:
+        glob = max(glob, best)                     # no replication: counts are forced, bound is global
     return glob, best
 
 
@@ -170,6 +169,8 @@ def balance_layer(load_E: np.ndarray, G: int, S: int, solver: str = "highs", tim
             if np.isfinite(sbound):
                 bound = max(bound, sbound * mean)
     bound = min(bound, best)
+    if G * S == E:
+        glob = max(glob, bound)
     return LayerBalance(A, cnt, greedy_max, best, bound, min(glob, best), status,
                         sbound * mean if np.isfinite(sbound) else -math.inf, time.perf_counter() - t0)
 

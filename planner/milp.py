@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -102,8 +104,7 @@ class MILP:
     def _solve_highs(self, time_limit, rel_gap, warm_start, threads) -> MILPResult:
         import highspy
         t0 = time.perf_counter()
-        h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
+        h = _highs()
         h.setOptionValue("time_limit", float(max(time_limit, 0.05)))
         h.setOptionValue("mip_rel_gap", float(rel_gap))
         h.setOptionValue("threads", int(threads))
@@ -179,6 +180,33 @@ class MILP:
         if np.all(np.isfinite(x)) and self.is_feasible(x, tol=1e-5):
             return MILPResult(x, self.objective_of(x), -math.inf, status, time.perf_counter() - t0)
         return MILPResult(None, math.inf, -math.inf, status, time.perf_counter() - t0)
+
+
+_HIGHS: dict = {}
+
+
+def _highs():
+    """One silent Highs instance per process (its constructor prints a banner on fd 1)."""
+    import highspy
+    pid = os.getpid()
+    h = _HIGHS.get(pid)
+    if h is None:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        try:
+            h = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(devnull)
+        _HIGHS[pid] = h
+    else:
+        h.clearModel()
+        h.clearSolver()
+    h.setOptionValue("output_flag", False)
+    return h
 
 
 def _cbc_solver(pulp, time_limit, rel_gap, warm, threads):
