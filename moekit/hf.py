@@ -5,9 +5,9 @@ hidden dim.
 
 API::
 
-    from_hf(block, *, share_weights=False, backend="auto") -> MoELayer
+    from_hf(block, *, share_weights=False, backend="auto", config_overrides=None) -> MoELayer
     to_hf(layer, block) -> block                  # write MoELayer weights back into an HF block
-    patch_model(model, *, share_weights=False, backend="auto") -> model   # in place
+    patch_model(model, *, share_weights=False, backend="auto", config_overrides=None) -> model  # in place
     unpatch_model(model) -> model                 # in place: fresh HF blocks holding the current weights
     export_state_dict(model) -> dict              # HF-format state dict of a patched model
     save_pretrained(model, path, **kw)            # model.save_pretrained with the exported state dict
@@ -382,13 +382,19 @@ def _rebind(module: nn.Module, name: str, view: torch.Tensor) -> None:
     setattr(module, name, nn.Parameter(view, requires_grad=old.requires_grad))
 
 
-def from_hf(block: nn.Module, *, share_weights: bool = False, backend: str = "auto") -> MoELayer:
+def from_hf(block: nn.Module, *, share_weights: bool = False, backend: str = "auto",
+            config_overrides: Optional[dict[str, Any]] = None) -> MoELayer:
     """Convert one HF MoE block into a :class:`MoELayer` with identical forward/backward.
 
     The layer lives on the block's device and dtype (the correction bias stays fp32) and
     has the block's ``training`` mode. ``share_weights=True`` makes it use the block's own
     tensors (see the module docstring for exactly which are shared and how); ``backend`` is
-    :attr:`MoEConfig.backend`. The returned layer carries ``layer.hf_spec`` (:class:`HFSpec`)
+    :attr:`MoEConfig.backend`. ``config_overrides`` changes MoEConfig fields that do not
+    define the weights or the HF routing (e.g. ``bias_update_rate``, ``aux_loss_coef``,
+    ``z_loss_coef``, ``capacity_factor``, ``router_jitter``); a field read from the block
+    that would change its semantics (sizes, router kind, top_k, normalisation, scaling,
+    groups, shared expert, activation) raises ValueError. Anything overridden is a departure
+    from HF parity by request. The returned layer carries ``layer.hf_spec`` (:class:`HFSpec`)
     for :func:`to_hf` / :func:`export_state_dict` / :func:`unpatch_model`.
 
     Raises TypeError for a module that is not a supported HF MoE block, NotImplementedError
@@ -396,6 +402,8 @@ def from_hf(block: nn.Module, *, share_weights: bool = False, backend: str = "au
     """
     family = _require_family(block)
     config, spec = _read_block(block, family, backend)
+    if config_overrides:
+        config = _apply_overrides(config, config_overrides, type(block).__name__)
     w_in_src, w_out_src = _hf_expert_tensors(block, spec)
     router_w = block.gate.weight
     with torch.device("meta"):
@@ -448,6 +456,26 @@ def from_hf(block: nn.Module, *, share_weights: bool = False, backend: str = "au
     layer.hf_spec = spec
     layer.train(block.training)
     return layer
+
+
+# fields that define the weights' shapes or the HF routing formula: never overridden
+_STRUCTURAL = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "activation", "router",
+               "topk_before_softmax", "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group",
+               "score_correction_bias", "router_bias", "num_shared_experts", "shared_expert_hidden_size",
+               "shared_expert_gate")
+
+
+def _apply_overrides(config: MoEConfig, overrides: dict[str, Any], where: str) -> MoEConfig:
+    if not isinstance(overrides, dict):
+        raise TypeError(f"config_overrides must be a dict, got {type(overrides).__name__}")
+    known = {f.name for f in dataclasses.fields(MoEConfig)}
+    for k in overrides:
+        if k not in known:
+            raise ValueError(f"config_overrides: {k!r} is not a MoEConfig field")
+        if k in _STRUCTURAL:
+            raise ValueError(f"config_overrides: {k!r} is read from {where} and defines its weights or "
+                             f"routing; it cannot be overridden")
+    return config.replace(**overrides)
 
 
 def _layer_of(module: nn.Module) -> MoELayer:
@@ -561,11 +589,14 @@ def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return found
 
 
-def patch_model(model: nn.Module, *, share_weights: bool = False, backend: str = "auto") -> nn.Module:
+def patch_model(model: nn.Module, *, share_weights: bool = False, backend: str = "auto",
+                config_overrides: Optional[dict[str, Any]] = None) -> nn.Module:
     """Replace every supported HF MoE block inside ``model`` by a MoELayer, in place; returns
     ``model``. Dense MLPs (Qwen2-MoE ``mlp_only_layers`` / ``decoder_sparse_step``,
     DeepSeek-V3's first ``first_k_dense_replace`` layers) are left alone. Router logits keep
-    feeding HF's ``output_router_logits`` machinery (see the module docstring).
+    feeding HF's ``output_router_logits`` machinery (see the module docstring), so HF's own
+    aux loss (``router_aux_loss_coef``) keeps working; MoELayer's own losses stay off unless
+    asked for through ``config_overrides`` (see :func:`from_hf`; applied to every block).
 
     Raises TypeError when the model holds an MoE block of an unsupported family, and
     ValueError when it holds no MoE block at all (a model already patched is returned as is).
@@ -579,7 +610,7 @@ def patch_model(model: nn.Module, *, share_weights: bool = False, backend: str =
         raise ValueError(f"{type(model).__name__} contains no Hugging Face MoE block "
                          f"(looked for {sorted(SUPPORTED_BLOCKS)})")
     for name, block, _ in blocks:
-        layer = from_hf(block, share_weights=share_weights, backend=backend)
+        layer = from_hf(block, share_weights=share_weights, backend=backend, config_overrides=config_overrides)
         tuple_out = _returns_tuple(block, layer.experts.w_in.dtype, layer.experts.w_in.device)
         layer.hf_spec = dataclasses.replace(layer.hf_spec, returns_tuple=tuple_out)
         layer.add_routing_observer(_record_hf_router_logits)

@@ -112,6 +112,7 @@ def ids_and_labels(seed=1):
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
@@ -185,9 +186,11 @@ def test_patched_grads_match(hf_model):
     """Train mode: loss (CE + HF's router aux loss over the recorded router logits) -> every
     parameter's grad matches the HF model's; router logits and aux loss match too."""
     ref_model = copy.deepcopy(hf_model).train()
-    patched = H.patch_model(copy.deepcopy(hf_model)).train()
     ids, labels = ids_and_labels(2)
     kw = dict(labels=labels, output_router_logits=True)
+    with torch.no_grad():  # HF installs its router-logit hooks now; patching afterwards must still record
+        ref_model(ids, **kw)
+    patched = H.patch_model(copy.deepcopy(ref_model)).train()
     out_ref = ref_model(ids, **kw)
     out = patched(ids, **kw)
     n_moe = len(moe_layers(patched))
@@ -335,6 +338,35 @@ def test_config_mapping(get_model):
         ("softmax", False, 48, True, F_)
     c = H.from_hf(first_block(get_model("mixtral", router_jitter_noise=0.2))).config
     assert (c.norm_topk_prob, c.router_jitter, c.num_experts, c.activation) == (True, 0.2, E, "swiglu")
+
+
+def test_config_overrides_bias_update(get_model, tmp_path):
+    """config_overrides turns on DeepSeek's aux-loss-free bias update on the patched model;
+    the updated correction bias is exported with the weights."""
+    from moekit import register_bias_update_hook
+
+    model = H.patch_model(copy.deepcopy(get_model("deepseek_v3")), config_overrides={"bias_update_rate": 1e-2})
+    layer = model.model.layers[1].mlp
+    assert layer.config.bias_update_rate == 1e-2 and layer.config.n_group == 4
+    bias0 = layer.router.e_score_correction_bias.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    register_bias_update_hook(opt, model)
+    ids, labels = ids_and_labels(20)
+    model.train()
+    model(ids, labels=labels).loss.backward()
+    opt.step()
+    step = layer.router.e_score_correction_bias - bias0
+    assert torch.allclose(step.abs(), torch.full_like(step, 1e-2)) or (step == 0).any()
+    assert step.abs().max() == pytest.approx(1e-2)
+    H.save_pretrained(model.eval(), tmp_path)
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    torch.testing.assert_close(fresh.model.layers[1].mlp.gate.e_score_correction_bias,
+                               layer.router.e_score_correction_bias, rtol=0, atol=0)
+    with torch.no_grad():
+        assert rel(fresh(ids).logits, model(ids).logits) <= TOL
+    for bad in ({"top_k": 2}, {"norm_topk_prob": False}, {"n_group": 1}, {"no_such_field": 1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            H.from_hf(first_block(get_model("deepseek_v3")), config_overrides=bad)
 
 
 # ---- share_weights -----------------------------------------------------------------------------
