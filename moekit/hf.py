@@ -64,7 +64,7 @@ and HF Mixtral/DeepSeek-V3 multiply expert outputs by fp32 weights before castin
 
 Router logits: in transformers 5.x, ``output_router_logits`` is served by forward hooks on
 the HF router classes (``_can_record_outputs`` / ``OutputRecorder``), which no longer exist
-after patching. :func:`patch_model` registers a routing observer on every MoELayer that
+after patching. :func:`from_hf` registers a routing observer on every MoELayer it makes that
 appends the fp32 logits ``[T, E]`` (in the graph, so HF's ``load_balancing_loss_func``
 trains the router) to HF's active output collector, exactly where the hook would have.
 If an HF block returns a tuple ``(hidden, router_logits)`` (transformers 4.x style; probed
@@ -454,6 +454,7 @@ def from_hf(block: nn.Module, *, share_weights: bool = False, backend: str = "au
                 sg = block.shared_expert_gate.weight
                 layer.shared_expert_gate.weight = sg if share_weights else _new_param(sg, sg.requires_grad)
     layer.hf_spec = spec
+    layer.add_routing_observer(_record_hf_router_logits)  # a no-op outside HF's capture_outputs
     layer.train(block.training)
     return layer
 
@@ -613,7 +614,6 @@ def patch_model(model: nn.Module, *, share_weights: bool = False, backend: str =
         layer = from_hf(block, share_weights=share_weights, backend=backend, config_overrides=config_overrides)
         tuple_out = _returns_tuple(block, layer.experts.w_in.dtype, layer.experts.w_in.device)
         layer.hf_spec = dataclasses.replace(layer.hf_spec, returns_tuple=tuple_out)
-        layer.add_routing_observer(_record_hf_router_logits)
         replacement: nn.Module = HFMoEAdapter(layer) if tuple_out else layer
         replacement.train(block.training)
         parent_name, _, attr = name.rpartition(".")
