@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,7 +157,10 @@ class MILP:
             ubj = None if np.isinf(self.ub[j]) else float(self.ub[j])
             if self.integer[j] and lbj == 0 and ubj == 1:
                 cat = pulp.LpBinary
-            xs.append(pulp.LpVariable(f"x{j}", lbj, ubj, cat))
+            if hasattr(prob, "add_variable"):        # PuLP >= 3.3 / 4.x spelling
+                xs.append(prob.add_variable(f"x{j}", lbj, ubj, cat=cat))
+            else:
+                xs.append(pulp.LpVariable(f"x{j}", lbj, ubj, cat))
         prob += pulp.LpAffineExpression([(xs[j], float(v)) for j, v in enumerate(self.c) if v != 0])
         for i, (cols, coefs, lo, hi) in enumerate(self._rows):
             expr = pulp.LpAffineExpression([(xs[j], float(v)) for j, v in zip(cols, coefs)])
@@ -172,7 +176,9 @@ class MILP:
                 v.setInitialValue(round(x0) if v.cat != pulp.LpContinuous else x0)
         solver = _cbc_solver(pulp, time_limit, rel_gap, warm_start is not None, threads)
         try:
-            prob.solve(solver)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                prob.solve(solver)
         except pulp.PulpSolverError as exc:
             return MILPResult(None, math.inf, -math.inf, f"error: {exc}", time.perf_counter() - t0)
         status = pulp.LpStatus.get(prob.status, str(prob.status))
@@ -218,7 +224,9 @@ def _cbc_solver(pulp, time_limit, rel_gap, warm, threads):
         if cls is None:
             continue
         try:
-            s = cls(**kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                s = cls(**kw)
         except TypeError:
             continue
         if s.available():
