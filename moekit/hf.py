@@ -49,7 +49,8 @@ Weight layouts accepted (HF v5 is the one transformers 5.x builds for all five f
 - ``True``: every MoELayer tensor whose HF counterpart has the same layout *is* the HF
   tensor (the same ``nn.Parameter`` object, hence the same storage and the same ``.grad``):
   router weight, fused ``gate_up_proj`` / ``down_proj``, shared ``down_proj`` and
-  ``shared_expert_gate`` weights, and the correction-bias buffer. Tensors HF keeps split
+  ``shared_expert_gate`` weights, and the correction-bias buffer (when it is fp32, as HF
+  keeps it; otherwise it is copied to fp32). Tensors HF keeps split
   (the shared expert's ``gate_proj`` + ``up_proj``, per-expert Linear layers) cannot be one
   Parameter: MoELayer gets a new stacked Parameter and the HF block's split weights are
   re-bound as views into its storage, so in-place updates (optimizer steps, ``copy_``) on
@@ -287,7 +288,8 @@ def _read_block(block: nn.Module, family: str, backend: str) -> tuple[MoEConfig,
     if layout == "fused":
         gate_up, down = experts.gate_up_proj, experts.down_proj
         if gate_up.dim() != 3 or gate_up.shape[0] != E or gate_up.shape[2] != D or gate_up.shape[1] % 2:
-            raise ValueError(f"{where}.experts.gate_up_proj has shape {tuple(gate_up.shape)}; expected [E={E}, 2F, D={D}]")
+            raise ValueError(f"{where}.experts.gate_up_proj has shape {tuple(gate_up.shape)}; "
+                             f"expected [E={E}, 2F, D={D}]")
         Fh = gate_up.shape[1] // 2
         if tuple(down.shape) != (E, D, Fh):
             raise ValueError(f"{where}.experts.down_proj has shape {tuple(down.shape)}; expected [{E}, {D}, {Fh}]")

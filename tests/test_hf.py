@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-transformers = pytest.importorskip("transformers")
+# moekit.hf targets the transformers 5.x module layout (fused experts, hook-recorded router logits)
+transformers = pytest.importorskip("transformers", minversion="5.0")
 
 from moekit import MoEConfig, MoELayer  # noqa: E402
 from moekit import hf as H  # noqa: E402
@@ -383,7 +384,8 @@ def test_share_weights(share, get_model):
     x = block_input(8)
     layer = H.from_hf(block, share_weights=share).eval()
     pairs = [(layer.router.weight, block.gate.weight), (layer.experts.w_in, block.experts.gate_up_proj),
-             (layer.experts.w_out, block.experts.down_proj), (layer.shared_expert.w_out, block.shared_expert.down_proj.weight),
+             (layer.experts.w_out, block.experts.down_proj),
+             (layer.shared_expert.w_out, block.shared_expert.down_proj.weight),
              (layer.shared_expert_gate.weight, block.shared_expert_gate.weight),
              (layer.shared_expert.w_in, block.shared_expert.gate_proj.weight),
              (layer.shared_expert.w_in, block.shared_expert.up_proj.weight)]
@@ -421,6 +423,19 @@ def test_patch_model_share_weights_keeps_hf_parameters(get_model):
     new = [n for n, p in model.named_parameters() if id(p) not in hf_params]
     assert sorted(new) == ["model.layers.1.mlp.shared_expert.w_in", "model.layers.2.mlp.shared_expert.w_in"]
     assert _storage_overlaps(layer.shared_expert.w_in, block.shared_experts.up_proj.weight)
+
+
+def test_dtype_device_and_idempotent_patch(get_model):
+    block = copy.deepcopy(first_block(get_model("deepseek_v3"))).to(torch.bfloat16)
+    layer = H.from_hf(block)
+    assert layer.experts.w_in.dtype == layer.router.weight.dtype == layer.shared_expert.w_in.dtype == torch.bfloat16
+    assert layer.router.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(layer.router.e_score_correction_bias, block.gate.e_score_correction_bias.float())
+    y = layer(block_input().to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    model = H.patch_model(copy.deepcopy(get_model("olmoe")))
+    layers = [id(m) for _, m in moe_layers(model)]
+    assert H.patch_model(model) is model and [id(m) for _, m in moe_layers(model)] == layers
 
 
 # ---- older layouts: per-expert ModuleList, Linear router, tuple-returning blocks -------------------
@@ -486,7 +501,8 @@ class _Caller(nn.Module):
         return h + y, logits
 
 
-@pytest.mark.parametrize("family,names", [("mixtral", ("w1", "w3", "w2")), ("olmoe", ("gate_proj", "up_proj", "down_proj"))])
+@pytest.mark.parametrize("family,names", [("mixtral", ("w1", "w3", "w2")),
+                                          ("olmoe", ("gate_proj", "up_proj", "down_proj"))])
 def test_legacy_modulelist_block(family, names, get_model):
     v5 = first_block(get_model(family)).eval()
     legacy = legacy_block(v5, names).eval()
