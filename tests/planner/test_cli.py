@@ -1,0 +1,113 @@
+"""`moekit plan` end to end on the shared traces, and its error messages."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moekit.cli import main
+
+
+def _run(capsys, *argv):
+    rc = main(["plan", *map(str, argv)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_plan_mixtral_end_to_end(shared_traces, tmp_path, capsys):
+    mix = shared_traces / "mixtral"
+    out = tmp_path / "placement.json"
+    png = tmp_path / "p.png"
+    rc, stdout, err = _run(capsys, "--trace", mix / "experts_coding_mixtral.json", "--score-on",
+                           mix / "experts_math_mixtral.json", "--gpus", 4, "--time-limit", 6, "--jobs", 1,
+                           "--format", "eplb", "--plot", png, "--out", out)
+    assert rc == 0, err
+    for name in ("contiguous", "round-robin", "greedy", "ilp-highs", "(oos)"):
+        assert name in stdout
+    d = json.loads(out.read_text())
+    pm = np.array(d["physical_to_logical_map"])
+    assert pm.shape == (32, 8) and d["num_gpus"] == 4 and d["slots_per_gpu"] == 2
+    assert all(sorted(row) == list(range(8)) for row in pm.tolist())
+    assert np.array_equal(np.array(d["phy2log"]), pm) and np.array(d["logcnt"]).shape == (32, 8)
+    m, g = d["metrics"], d["comparison"]["greedy"]["metrics"]
+    assert m["max_mean_load"] <= g["max_mean_load"] + 1e-9
+    assert m["cross_gpu_frac"] < g["cross_gpu_frac"]
+    assert "metrics_out_of_sample" in d and d["gap"] >= 0
+    assert png.stat().st_size > 1000
+    # the runtime reads this file back
+    from moekit.planner import load_placement
+    assert load_placement(out).num_layers == 32
+
+
+def test_plan_qwen_with_replication(shared_traces, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    rc, stdout, err = _run(capsys, "--trace", shared_traces / "qwen.route.csv", "--gpus", 16,
+                           "--gpus-per-node", 8, "--slots-per-gpu", 10, "--solver", "greedy", "--quiet",
+                           "--out", out)
+    assert rc == 0, err
+    d = json.loads(out.read_text())
+    pm = np.array(d["physical_to_logical_map"])
+    assert pm.shape == (48, 160) and d["method"].startswith("greedy")
+    assert all(len(set(r)) == 128 for r in pm.tolist())
+    assert d["metrics"]["memory_per_gpu_bytes"] > 0 and "cross_node_frac" in d["metrics"]
+
+
+def test_plan_own_format_and_previous(tmp_path, capsys):
+    from moekit.planner import RoutingTrace
+    rng = np.random.default_rng(0)
+    tr = RoutingTrace([rng.integers(0, 8, (50, 2)).astype(np.int32) for _ in range(3)], None, 8)
+    tr.topk_ids = [np.sort(a, axis=1) for a in tr.topk_ids]
+    for a in tr.topk_ids:
+        a[a[:, 0] == a[:, 1], 1] = -1
+    tr.save(tmp_path / "t.npz")
+    rc, _, err = _run(capsys, "--trace", tmp_path / "t.npz", "--gpus", 2, "--solver", "greedy", "--quiet",
+                      "--out", tmp_path / "a.json")
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "--trace", tmp_path / "t.npz", "--gpus", 2, "--time-limit", 2, "--jobs", 1,
+                      "--quiet", "--previous", tmp_path / "a.json", "--out", tmp_path / "b.json")
+    assert rc == 0, err
+    assert "migration_experts" in json.loads((tmp_path / "b.json").read_text())["metrics"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--gpus", 3], "do not divide evenly over 3 GPUs; pass slots_per_gpu >= 3"),
+    (["--gpus", 4, "--slots-per-gpu", 1], "too few slots: 4 GPUs x 1 slots = 4 < 8 experts; need at least 2"),
+    (["--gpus", 2, "--slots-per-gpu", 9], "exceeds the number of experts"),
+    (["--gpus", 4, "--gpus-per-node", 3], "gpus_per_node=3 must divide"),
+    (["--gpus", 0], "--gpus must be positive"),
+    ([], "--gpus is required"),
+])
+def test_plan_errors(tmp_path, capsys, args, msg):
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps({str(l): [[0, 1], [2, 3], [4, 5], [6, 7]] for l in range(2)}))
+    rc, _, err = _run(capsys, "--trace", p, *args, "--quiet", "--out", tmp_path / "o.json")
+    assert rc != 0 and msg in err and "Traceback" not in err
+
+
+def test_plan_bad_trace(tmp_path, capsys):
+    p = tmp_path / "bad.csv"
+    p.write_text("# route_trace v1\n# n_layer=1 n_expert=4 n_expert_used=1\n"
+                 "turn,phase,step,layer,slot,expert,weight\n0,0,0,0,0,1,0.5\n0,0,1,0,0,oops,0.5\n")
+    rc, _, err = _run(capsys, "--trace", p, "--gpus", 2, "--out", tmp_path / "o.json")
+    assert rc != 0 and "line 5" in err and "non-numeric" in err and str(p) in err
+    rc, _, err = _run(capsys, "--trace", tmp_path / "missing.json", "--gpus", 2, "--out", tmp_path / "o.json")
+    assert rc != 0 and "not found" in err
+
+
+def test_plan_topology_local_without_nvml(tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "pynvml", None)   # import pynvml -> ImportError
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps({"0": [[0, 1]], "1": [[1, 0]]}))
+    rc, _, err = _run(capsys, "--trace", p, "--topology", "local", "--out", tmp_path / "o.json")
+    assert rc != 0 and "nvidia-ml-py" in err
+
+
+def test_plan_help_has_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--trace", "--gpus", "--gpus-per-node", "--slots-per-gpu", "--solver", "--time-limit",
+                 "--score-on", "--out", "--format", "--topology", "--plot"):
+        assert flag in text
