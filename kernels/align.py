@@ -32,7 +32,7 @@ inverse maps).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import torch
 
@@ -55,7 +55,7 @@ def padded_size(n_slots: int, num_experts: int, block_m: int) -> int:
     return cdiv(n_slots + num_experts * (block_m - 1), block_m) * block_m
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _align_count_kernel(ids_ptr, chunk_counts_ptr, N, E,
                         CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
     c = tl.program_id(0)
@@ -67,7 +67,7 @@ def _align_count_kernel(ids_ptr, chunk_counts_ptr, N, E,
     tl.store(chunk_counts_ptr + c * E + offs_e, cnt, mask=offs_e < E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])
 def _align_scan_kernel(chunk_counts_ptr, chunk_start_ptr, totals_ptr, n_chunks, E,
                        BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
@@ -85,7 +85,7 @@ def _align_scan_kernel(chunk_counts_ptr, chunk_start_ptr, totals_ptr, n_chunks, 
     tl.store(totals_ptr + offs_e, carry, mask=e_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_blocks"])
 def _align_offsets_kernel(totals_ptr, off_ptr, poff_ptr, block_expert_ptr, E, n_blocks,
                           BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
     offs_e = tl.arange(0, BLOCK_E)
@@ -109,7 +109,7 @@ def _align_offsets_kernel(totals_ptr, off_ptr, poff_ptr, block_expert_ptr, E, n_
         tl.store(block_expert_ptr + offs_b, e_of_b, mask=offs_b < n_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _align_scatter_kernel(ids_ptr, chunk_start_ptr, off_ptr, poff_ptr,
                           sorted_ptr, padded_ptr, inv_sorted_ptr, inv_padded_ptr, N, E,
                           CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -150,6 +150,7 @@ def _validate(topk_ids_TK, num_experts, block_m):
 def moe_align(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int = 16,
               *, check_ids: bool = False) -> AlignedLayout:
     """Triton counting sort of the assignments by expert; see the module docstring.
+    Registered as the custom op ``moekit::moe_align`` (traceable by torch.compile).
 
     ``check_ids=True`` verifies ids lie in [-1, E) (one host sync); otherwise out-of-range
     ids are the caller's bug (they are treated as dropped)."""
@@ -159,6 +160,13 @@ def moe_align(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int = 16,
         lo, hi = int(topk_ids_TK.min()), int(topk_ids_TK.max())
         if lo < -1 or hi >= num_experts:
             raise ValueError(f"topk_ids_TK values must lie in [-1, {num_experts}), got [{lo}, {hi}]")
+    return AlignedLayout(*torch.ops.moekit.moe_align(topk_ids_TK, num_experts, block_m))
+
+
+@torch.library.custom_op("moekit::moe_align", mutates_args=())
+def _moe_align_op(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> Tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+        torch.Tensor]:
     dev = topk_ids_TK.device
     E, N = num_experts, topk_ids_TK.numel()
     P = padded_size(N, E, block_m)
@@ -189,7 +197,17 @@ def moe_align(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int = 16,
     if N:
         _align_scatter_kernel[(n_chunks,)](ids, chunk_start, off, poff, sorted_slots, padded_slots,
                                            inv_sorted, inv_padded, N, E, CHUNK=CHUNK, BLOCK_E=BLOCK_E)
-    return AlignedLayout(tpe, off, sorted_slots, poff, padded_slots, block_expert, inv_sorted, inv_padded)
+    return tpe, off, sorted_slots, poff, padded_slots, block_expert, inv_sorted, inv_padded
+
+
+@_moe_align_op.register_fake
+def _(topk_ids_TK, num_experts, block_m):
+    dev = topk_ids_TK.device
+    E, N = num_experts, topk_ids_TK.numel()
+    P = padded_size(N, E, block_m)
+    i32 = dict(dtype=torch.int32, device=dev)
+    return (torch.empty(E, **i32), torch.empty(E + 1, **i32), torch.empty(N, **i32), torch.empty(E + 1, **i32),
+            torch.empty(P, **i32), torch.empty(P // block_m, **i32), torch.empty(N, **i32), torch.empty(N, **i32))
 
 
 def moe_align_ref(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int = 16,

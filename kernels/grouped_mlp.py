@@ -205,7 +205,7 @@ def _moe_gemm_out_kernel(
              mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _combine_kernel(src_ptr, ids_ptr, out_ptr, T, D, E, stride_src, stride_out,
                     TOPK: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_t = tl.program_id(0)

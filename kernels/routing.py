@@ -29,7 +29,7 @@ from ._triton_compat import check_runnable, next_pow2, tl, triton
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _route_topk_kernel(
     logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr,
     T, E, stride_t, scale,
@@ -144,10 +144,19 @@ def route_topk(logits_TE: torch.Tensor, top_k: int, *, score_func: str = "softma
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused top-k routing (one Triton pass). Returns ``(topk_ids_TK int32, topk_weights_TK
     float32, counts_E int32)``; see the module docstring for the exact semantics.
-    Not differentiable (the router's autograd runs on the torch side)."""
-    T, E = _validate(logits_TE, top_k, score_func, bias_E, n_group, topk_group, scaling_factor)
-    tensors = [logits_TE] + ([bias_E] if bias_E is not None else [])
-    check_runnable(*tensors, op="route_topk")
+    Not differentiable (the router's autograd runs on the torch side). Registered as the
+    custom op ``moekit::route_topk`` (traceable by torch.compile)."""
+    _validate(logits_TE, top_k, score_func, bias_E, n_group, topk_group, scaling_factor)
+    check_runnable(*([logits_TE] + ([bias_E] if bias_E is not None else [])), op="route_topk")
+    return torch.ops.moekit.route_topk(logits_TE.detach(), None if bias_E is None else bias_E.detach(), top_k,
+                                       score_func, n_group, topk_group, bool(renormalize), float(scaling_factor))
+
+
+@torch.library.custom_op("moekit::route_topk", mutates_args=())
+def _route_topk_op(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, score_func: str,
+                   n_group: int, topk_group: int, renormalize: bool, scaling_factor: float
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, E = logits_TE.shape
     dev = logits_TE.device
     ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
     w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
@@ -155,17 +164,24 @@ def route_topk(logits_TE: torch.Tensor, top_k: int, *, score_func: str = "softma
     if T == 0:
         return ids, w, counts
     logits = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
-    bias = bias_E.detach().float().contiguous() if bias_E is not None else counts  # dummy ptr
+    bias = bias_E.float().contiguous() if bias_E is not None else counts  # dummy pointer when absent
     BLOCK_E = next_pow2(E)
     BLOCK_T = max(1, min(64, 4096 // BLOCK_E, next_pow2(T)))
-    grid = (triton.cdiv(T, BLOCK_T),)
     sigmoid = score_func == "sigmoid"
-    _route_topk_kernel[grid](
-        logits.detach(), bias, ids, w, counts, T, E, logits.stride(0), float(scaling_factor),
+    _route_topk_kernel[(triton.cdiv(T, BLOCK_T),)](
+        logits, bias, ids, w, counts, T, E, logits.stride(0), float(scaling_factor),
         K=top_k, SIGMOID=sigmoid, HAS_BIAS=bias_E is not None, N_GROUP=n_group,
         TOPK_GROUP=topk_group, RENORM=bool(renormalize), EPS=1e-20 if sigmoid else 0.0,
         BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=next_pow2(top_k))
     return ids, w, counts
+
+
+@_route_topk_op.register_fake
+def _(logits_TE, bias_E, top_k, score_func, n_group, topk_group, renormalize, scaling_factor):
+    T, E = logits_TE.shape
+    dev = logits_TE.device
+    return (torch.empty(T, top_k, dtype=torch.int32, device=dev), torch.empty(T, top_k, dtype=torch.float32, device=dev),
+            torch.empty(E, dtype=torch.int32, device=dev))
 
 
 def _stable_topk_idx(v: torch.Tensor, k: int) -> torch.Tensor:

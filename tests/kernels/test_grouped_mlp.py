@@ -156,6 +156,43 @@ def test_torch_compile_traces_custom_op(device):
         assert_rel_close(a.grad, b, 1e-6)
 
 
+def test_torch_compile_dynamic_tokens_one_graph(device):
+    """Routing + experts under torch.compile(dynamic=True): new token counts reuse one graph."""
+    from torch._dynamo.utils import counters
+
+    from moekit.kernels import route_topk
+    torch._dynamo.reset()
+    counters.clear()
+    _, _, _, w_in, w_out = make_inputs(7, 24, 40, 5, 2, "swiglu", device=device)
+
+    def f(x, logits):
+        ids, w, _ = route_topk(logits, 2)
+        return moe_mlp(x, ids, w, w_in, w_out, "swiglu")
+
+    cf = torch.compile(f, backend="aot_eager", dynamic=True, fullgraph=True)
+    for T in (7, 9, 33):
+        x = torch.randn(T, 24, device=device, requires_grad=True)
+        logits = torch.randn(T, 5, device=device)
+        y = cf(x, logits)
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        ids, w, _ = route_topk(logits, 2)
+        x_r = x.detach().clone().requires_grad_()
+        y_r = moe_mlp_ref(x_r, ids, w, w_in, w_out, "swiglu")
+        (gx_r,) = torch.autograd.grad(y_r.sum(), x_r)
+        assert_rel_close(y, y_r, 2e-5, f"y T={T}")
+        assert_rel_close(gx, gx_r, 2e-5, f"dx T={T}")
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_opcheck_align_and_routing(device):
+    ids = torch.randint(-1, 5, (9, 2), device=device)
+    torch.library.opcheck(torch.ops.moekit.moe_align.default, (ids, 5, 16),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.moekit.route_topk.default,
+                          (torch.randn(9, 8, device=device), torch.randn(8, device=device), 3, "sigmoid", 4, 2,
+                           True, 2.5), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_opcheck(device):
     x, ids, w, w_in, w_out = make_inputs(7, 24, 40, 5, 2, "swiglu", device=device)
     torch.library.opcheck(torch.ops.moekit.moe_mlp_fwd.default, (x, ids, w, w_in, w_out, "swiglu", 16, False),
