@@ -62,8 +62,10 @@ EXPECTED_MOE_LAYERS = {"mixtral": [0, 1], "qwen2_moe": [0, 2, 3], "qwen3_moe": [
                        "deepseek_v3": [1, 2]}
 
 
-def build(family: str, tmp_dir, seed: int = 0, **over):
-    """Random HF model -> save_pretrained -> from_pretrained (fp32, eval)."""
+def build(family: str, tmp_dir, seed: int = 0, experts_implementation=None, **over):
+    """Random HF model -> save_pretrained -> from_pretrained (fp32, eval). HF's default experts
+    implementation in 5.x is grouped_mm; ``experts_implementation="eager"`` loads the
+    reference per-expert loop of the modeling file instead."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(make_config(family, **over))
     with torch.no_grad():
@@ -74,7 +76,10 @@ def build(family: str, tmp_dir, seed: int = 0, **over):
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.05)
     model.save_pretrained(tmp_dir)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_dir, dtype=torch.float32)
+    extra = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_dir, dtype=torch.float32, **extra)
+    if experts_implementation:
+        assert loaded.config._experts_implementation == experts_implementation
     return loaded.eval()
 
 
@@ -219,6 +224,24 @@ def test_patched_grads_match(hf_model):
     # the router got a gradient from the aux loss through the recorded logits (when HF has one)
     layer = moe_layers(patched)[0][1]
     assert layer.router.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_matches_hf_eager_experts(family, get_model):
+    """Against HF's eager experts loop (the modeling file's reference formula): logits in eval,
+    loss and every grad in train mode."""
+    hf_model = get_model(family, experts_implementation="eager")
+    patched = H.patch_model(copy.deepcopy(hf_model))
+    ids, labels = ids_and_labels(6)
+    with torch.no_grad():
+        assert rel(patched(ids).logits, hf_model(ids).logits) <= TOL
+    ref = copy.deepcopy(hf_model).train()
+    patched.train()
+    ref(ids, labels=labels, output_router_logits=True).loss.backward()
+    patched(ids, labels=labels, output_router_logits=True).loss.backward()
+    for name, p in ref.named_parameters():
+        if p.grad.abs().max() > 0:
+            assert rel(grad_of_hf_param(patched, name), p.grad) <= TOL, name
 
 
 def test_mixtral_jitter_matches_in_training(get_model):
