@@ -7,6 +7,9 @@ Semantics (identical in ``_route_topk_kernel`` and ``route_topk_ref``; fp32 thro
 * ``score_func="softmax"`` (Mixtral / Qwen / OLMoE): ``s = softmax(fp32 logits)``,
   selection score ``c = s`` (+ ``bias_E`` if given).
 * ``score_func="sigmoid"`` (DeepSeek-V3): ``s = sigmoid(fp32 logits)``, ``c = s + bias_E``.
+* ``score_func="softmax_topk"`` (Megatron "topk before softmax", GPT-OSS): ``s = c = fp32
+  logits`` (+ bias); the weights are the softmax over the K selected logits (so they sum to
+  1 and ``renormalize`` changes nothing).
 * ``n_group > 1``: experts are split into G contiguous groups of E/G; a group scores the
   sum of its two largest ``c``; only the best ``topk_group`` groups stay eligible, the
   other experts' ``c`` is set to ``-inf``.
@@ -26,14 +29,14 @@ import torch
 
 from ._triton_compat import check_runnable, next_pow2, tl, triton
 
-SCORE_FUNCS = ("softmax", "sigmoid")
+SCORE_FUNCS = ("softmax", "sigmoid", "softmax_topk")
 
 
 @triton.jit(do_not_specialize=["T"])
 def _route_topk_kernel(
     logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr,
     T, E, stride_t, scale,
-    K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    K: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, EPS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -48,9 +51,11 @@ def _route_topk_kernel(
 
     logits = tl.load(logits_ptr + offs_t.to(tl.int64)[:, None] * stride_t + offs_e[None, :],
                      mask=ok, other=neg_inf).to(tl.float32)
-    if SIGMOID:
+    if SCORE == 1:  # sigmoid
         s = tl.where(ok, tl.sigmoid(logits), 0.0)
-    else:
+    elif SCORE == 2:  # softmax_topk: select on the raw logits, softmax over the selected K
+        s = logits
+    else:  # softmax
         row_max = tl.max(logits, axis=1)
         row_max = tl.where(t_ok, row_max, 0.0)
         p = tl.where(ok, tl.exp(logits - row_max[:, None]), 0.0)
@@ -101,7 +106,13 @@ def _route_topk_kernel(
         wsum += wk
         c = tl.where(hit, neg_inf, c)
         cnt += tl.sum((hit & t_ok[:, None]).to(tl.int32), axis=0)
-    if RENORM:
+    if SCORE == 2:
+        k_ok = offs_k[None, :] < K
+        top = tl.max(tl.where(k_ok, w_tile, float("-inf")), axis=1)
+        top = tl.where(t_ok, top, 0.0)
+        ex = tl.where(k_ok, tl.exp(w_tile - top[:, None]), 0.0)
+        w_tile = ex / tl.where(t_ok, tl.sum(ex, axis=1), 1.0)[:, None]
+    elif RENORM:
         w_tile = w_tile / tl.where(t_ok, wsum + EPS, 1.0)[:, None]
     w_tile = w_tile * scale
     out_ok = t_ok[:, None] & (offs_k[None, :] < K)
@@ -170,7 +181,7 @@ def _route_topk_op(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_
     sigmoid = score_func == "sigmoid"
     _route_topk_kernel[(triton.cdiv(T, BLOCK_T),)](
         logits, bias, ids, w, counts, T, E, logits.stride(0), float(scaling_factor),
-        K=top_k, SIGMOID=sigmoid, HAS_BIAS=bias_E is not None, N_GROUP=n_group,
+        K=top_k, SCORE=SCORE_FUNCS.index(score_func), HAS_BIAS=bias_E is not None, N_GROUP=n_group,
         TOPK_GROUP=topk_group, RENORM=bool(renormalize), EPS=1e-20 if sigmoid else 0.0,
         BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=next_pow2(top_k))
     return ids, w, counts
@@ -197,7 +208,12 @@ def route_topk_ref(logits_TE: torch.Tensor, top_k: int, *, score_func: str = "so
     Differentiable w.r.t. ``logits_TE`` through ``topk_weights_TK``."""
     T, E = _validate(logits_TE, top_k, score_func, bias_E, n_group, topk_group, scaling_factor)
     logits = logits_TE.float()
-    s = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    if score_func == "softmax":
+        s = torch.softmax(logits, dim=-1)
+    elif score_func == "sigmoid":
+        s = torch.sigmoid(logits)
+    else:
+        s = logits
     c = s.detach()
     if bias_E is not None:
         c = c + bias_E.detach().float()
@@ -208,7 +224,9 @@ def route_topk_ref(logits_TE: torch.Tensor, top_k: int, *, score_func: str = "so
         c = c.masked_fill(~gmask.repeat_interleave(E // n_group, dim=1), float("-inf"))
     idx = _stable_topk_idx(c, top_k)
     w = s.gather(1, idx)
-    if renormalize:
+    if score_func == "softmax_topk":
+        w = torch.softmax(w, dim=-1)
+    elif renormalize:
         w = w / (w.sum(-1, keepdim=True) + (1e-20 if score_func == "sigmoid" else 0.0))
     w = w * scaling_factor
     counts = torch.bincount(idx.flatten(), minlength=E).to(torch.int32)

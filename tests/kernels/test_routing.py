@@ -18,10 +18,11 @@ for T, E, K in itertools.product([1, 7, 130], [1, 5, 16], [1, 2, 3]):
         continue
     CASES.append(("softmax", T, E, K, 1, 1, False))
     CASES.append(("sigmoid", T, E, K, 1, 1, True))
+    CASES.append(("softmax_topk", T, E, K, 1, 1, False))
 # group-limited (DeepSeek-V3 style): G groups, keep topk_group
 CASES += [("sigmoid", T, 16, K, 4, 2, True) for T in (1, 7, 130) for K in (1, 2, 3)]
 CASES += [("sigmoid", 33, 256, 8, 8, 4, True), ("softmax", 33, 60, 4, 1, 1, False),
-          ("softmax", 7, 16, 3, 4, 3, True)]
+          ("softmax", 7, 16, 3, 4, 3, True), ("softmax_topk", 33, 32, 4, 1, 1, True)]
 
 
 @pytest.mark.parametrize("score_func,T,E,K,n_group,topk_group,bias", CASES)
@@ -39,8 +40,17 @@ def test_route_topk_matches_ref(device, score_func, T, E, K, n_group, topk_group
     assert torch.equal(counts.cpu(), rcounts.cpu())
     assert int(counts.sum()) == T * K
     assert_rel_close(w, rw, 1e-6, "weights")
-    if renorm:
+    if renorm or score_func == "softmax_topk":
         assert_rel_close(w.sum(-1), torch.full((T,), kw["scaling_factor"]), 1e-6, "renormalised sum")
+
+
+def test_softmax_topk_formula(device):
+    """topk_before_softmax (Megatron / GPT-OSS): softmax over the selected logits."""
+    logits = torch.randn(9, 8, device=device)
+    ids, w, _ = route_topk(logits, 3, score_func="softmax_topk")
+    top = logits.double().cpu().topk(3, dim=-1)
+    assert torch.equal(ids.cpu().long(), top.indices)
+    assert_rel_close(w, torch.softmax(top.values, -1), 1e-6)
 
 
 def test_ties_break_toward_lower_index(device):
@@ -95,3 +105,39 @@ def test_validation(device, bad):
         route_topk(torch.randn(3, 8, device=device), top_k, **kw)
     with pytest.raises(ValueError):
         route_topk_ref(torch.randn(3, 8), top_k, **kw)
+
+
+ROUTER_CONFIGS = [
+    dict(num_experts=8, top_k=2),
+    dict(num_experts=60, top_k=4, norm_topk_prob=False),
+    dict(num_experts=32, top_k=4, topk_before_softmax=True),
+    dict(num_experts=16, top_k=3, router="sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5,
+         score_correction_bias=True),
+    dict(num_experts=8, top_k=2, router="sigmoid", norm_topk_prob=False),
+]
+
+
+@pytest.mark.parametrize("cfg", ROUTER_CONFIGS)
+def test_matches_moekit_router(device, cfg):
+    """route_topk with the arguments a MoEConfig implies == moekit.router.TopKRouter."""
+    router_mod = pytest.importorskip("moekit.router")
+    from moekit import MoEConfig
+
+    config = MoEConfig(hidden_size=16, ffn_hidden_size=8, **cfg)
+    router = router_mod.TopKRouter(config)
+    if config.score_correction_bias:
+        router.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randn(37, 16)
+    r = router(x)
+    if config.router == "softmax":
+        score_func = "softmax_topk" if config.topk_before_softmax else "softmax"
+    else:
+        score_func = "sigmoid"
+    ids, w, counts = route_topk(r.logits_TE.detach().to(device), config.top_k, score_func=score_func,
+                                bias_E=None if router.e_score_correction_bias is None
+                                else router.e_score_correction_bias.to(device),
+                                n_group=config.n_group, topk_group=config.topk_group,
+                                renormalize=config.norm_topk_prob, scaling_factor=config.routed_scaling_factor)
+    assert torch.equal(ids.cpu().long(), r.topk_ids_TK)
+    assert_rel_close(w, r.topk_weights_TK, 1e-6)
+    assert torch.equal(counts.cpu().long(), r.tokens_per_expert_E)
