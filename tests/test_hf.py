@@ -435,7 +435,8 @@ def test_patch_model_share_weights_keeps_hf_parameters(get_model):
     hf_model = get_model("deepseek_v3")
     model = copy.deepcopy(hf_model)
     block = model.model.layers[1].mlp
-    hf_params = {id(p) for p in model.parameters()}
+    keep_alive = list(model.parameters())  # so no id() below is reused by a new object
+    hf_params = {id(p) for p in keep_alive}
     H.patch_model(model, share_weights=True)
     layer = model.model.layers[1].mlp
     assert isinstance(layer, MoELayer)
