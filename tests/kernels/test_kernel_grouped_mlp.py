@@ -122,6 +122,20 @@ def test_int32_ids_and_no_grad(device):
     assert_rel_close(y, moe_mlp_ref(x, ids, w, w_in, w_out, "swiglu"), 2e-5)
 
 
+def test_non_contiguous_inputs(device):
+    """Strided views (sliced x, weights stored transposed) give the same result and grads."""
+    x, ids, w, w_in, w_out = make_inputs(9, 24, 40, 5, 2, "swiglu", "drop", device=device)
+    x_big = torch.randn(9, 48, device=device)
+    x_big[:, ::2] = x
+    x_nc = x_big[:, ::2]
+    w_in_nc = w_in.transpose(1, 2).contiguous().transpose(1, 2)  # [E, H, D] view of a [E, D, H] buffer
+    w_out_nc = w_out.transpose(1, 2).contiguous().transpose(1, 2)
+    ids_nc = torch.cat([ids, ids], 1)[:, ::2]
+    w_nc = torch.cat([w, w], 1)[:, ::2]
+    assert not (x_nc.is_contiguous() or w_in_nc.is_contiguous() or ids_nc.is_contiguous())
+    check_against_ref(x_nc, ids_nc, w_nc, w_in_nc, w_out_nc, "swiglu", tol=2e-5)
+
+
 def test_deterministic(device):
     x, ids, w, w_in, w_out = make_inputs(64, 24, 40, 5, 3, "swiglu", device=device)
     x.requires_grad_()
@@ -262,6 +276,14 @@ def test_import_without_triton_and_without_cuda_init():
     assert "RAISED" in out.stdout and "OK" in out.stdout, out.stdout + out.stderr
 
 
+def test_import_with_triton_does_not_init_cuda():
+    code = ("import sys, torch\nimport moekit.kernels as k\nassert 'triton' not in sys.modules\n"
+            "k.moe_mlp, k.route_topk, k.moe_align  # imports the kernel modules (and triton)\n"
+            "assert 'triton' in sys.modules and k.HAS_TRITON\nassert not torch.cuda.is_initialized()\nprint('OK')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "OK" in out.stdout, out.stdout + out.stderr
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="real sizes need the compiled kernels (TRITON_INTERPRET is set)")
 @pytest.mark.parametrize("T,D,F,E,K", [(4096, 2048, 1408, 60, 4), (512, 4096, 14336, 8, 2),
@@ -284,3 +306,38 @@ def test_moe_mlp_gpu_fp32_exact_path():
     torch.backends.cuda.matmul.allow_tf32 = False
     inputs = make_inputs(1000, 512, 384, 16, 2, "geglu", "drop", device="cuda")
     check_against_ref(*inputs, "geglu", tol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET, reason="needs the compiled kernels (TRITON_INTERPRET is set)")
+def test_gpu_new_token_counts_do_not_recompile():
+    """Autotune keys exclude token counts and those args are do_not_specialize: after the
+    first call, other T (including multiples of 16 and T = 1) add no compiled variant."""
+    import moekit.kernels.grouped_mlp as gm
+
+    kernels = [gm._moe_gemm_in_kernel, gm._moe_gemm_out_kernel, gm._moe_gemm_dh_kernel, gm._moe_wgrad_kernel]
+
+    def n_compiled():
+        total = 0
+        for k in kernels:
+            caches = getattr(k.fn, "device_caches", None)
+            if caches is None:
+                pytest.skip("this triton's JITFunction has no device_caches")
+            total += sum(len(c[0]) for c in caches.values())
+        return total
+
+    def step(T):
+        x, ids, w, w_in, w_out = make_inputs(T, 256, 128, 8, 2, "swiglu", "drop", dtype=torch.bfloat16,
+                                             device="cuda", seed=T)
+        x.requires_grad_()
+        w_in.requires_grad_()
+        w_out.requires_grad_()
+        w.requires_grad_()
+        moe_mlp(x, ids, w, w_in, w_out, "swiglu").sum().backward()
+        torch.cuda.synchronize()
+
+    step(100)  # pick_block_m(200, 8) = 32
+    before = n_compiled()
+    for T in (96, 128, 113, 250):  # same block_m bucket (avg rows per expert 24..62)
+        step(T)
+    assert n_compiled() == before
