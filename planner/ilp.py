@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .assign import bottleneck_assignment
+from .assign import bottleneck_assignment, linear_assignment
 from .greedy import balanced_packing, check_capacity, items_of, replica_counts, slots_from_gpus
 from .milp import MILP, resolve_solver
 from .placement import Placement
@@ -123,6 +123,54 @@ def local_search(w_E: np.ndarray, A: np.ndarray, max_iter: int = 20000, time_bud
     return A
 
 
+def improve_counts(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, A: np.ndarray,
+                   time_budget: float = 0.5, max_tries: int = 400):
+    """Local search over replica counts: give one more replica to an expert on the heaviest GPU,
+    taken from the replicated expert whose replicas would stay lightest; re-pack (greedy + swaps)
+    and keep the change when the heaviest GPU gets lighter. Returns (cnt, A)."""
+    load_E = np.asarray(load_E, dtype=np.float64)
+    w = load_E / cnt
+
+    def key(wv, AA):                      # (heaviest GPU, how many GPUs tie with it, sum of squares)
+        ld = wv[AA].sum(axis=1)
+        m = ld.max()
+        return (m, int((ld >= m * (1 - 1e-12)).sum()), float((ld * ld).sum()))
+    best = key(w, A)
+    t_end = time.perf_counter() + time_budget
+    tries = 0
+    improved = True
+    while improved and time.perf_counter() < t_end and tries < max_tries:
+        improved = False
+        loads = w[A].sum(axis=1)
+        top = np.nonzero(loads >= loads.max() * (1 - 1e-12))[0]
+        for g in top:
+            for e in A[g][np.argsort(-w[A[g]], kind="stable")]:
+                if cnt[e] >= G or time.perf_counter() > t_end or tries >= max_tries:
+                    break
+                donors = np.nonzero(cnt > 1)[0]
+                donors = donors[donors != e]
+                if donors.size == 0:
+                    break
+                after = load_E[donors] / (cnt[donors] - 1)
+                for d in donors[np.argsort(after, kind="stable")[:3]]:
+                    tries += 1
+                    c2 = cnt.copy()
+                    c2[e] += 1
+                    c2[d] -= 1
+                    w2 = load_E / c2
+                    A2 = local_search(w2, _greedy_A(load_E, G, S, c2), time_budget=0.2)
+                    k2 = key(w2, A2)
+                    if k2[0] < best[0] - 1e-12 or (k2[0] <= best[0] + 1e-12 and k2[1:] < best[1:]):
+                        cnt, A, w, best = c2, A2, w2, k2
+                        improved = True
+                        break
+                if improved:
+                    break
+            if improved:
+                break
+    return cnt, A
+
+
 # --- stage 1 ---------------------------------------------------------------------------------
 @dataclass
 class LayerBalance:
@@ -157,6 +205,11 @@ def balance_layer(load_E: np.ndarray, G: int, S: int, solver: str = "highs", tim
     glob, bound = layer_bounds(load_E, G, S, cnt)
     A = local_search(w, A0, time_budget=max(0.05, 0.25 * time_limit))
     best = float(w[A].sum(axis=1).max())
+    if G * S > E and best > glob * (1 + rel_gap):
+        cnt, A = improve_counts(load_E, G, S, cnt, A, time_budget=0.5 * time_limit)
+        w = load_E / cnt
+        best = float(w[A].sum(axis=1).max())
+        _, bound = layer_bounds(load_E, G, S, cnt)
     status, sbound = "local-search", -math.inf
     mean = load_E.sum() / G
     if use_milp and S > 1 and G > 1 and mean > 0 and best > bound * (1 + rel_gap) + _EPS:
@@ -383,7 +436,7 @@ def ilp_placement(loads_LE: np.ndarray, topo: Topology, trans: np.ndarray | None
     have_traffic = trans is not None and L > 1 and G > 1
     share1 = 0.5 if have_traffic else 0.9
     waves = math.ceil(L / n_jobs)
-    per_layer = max(0.2, share1 * time_limit / waves)
+    per_layer = max(0.2, 0.6 * share1 * time_limit / waves)   # 0.6: model building and solver overshoot
     jobs = [(loads_LE[l], G, S, solver, per_layer, rel_gap, True) for l in range(L)]
     res = _pool_map(_balance_job, jobs, n_jobs, progress, "ILP stage 1 (balance)")
     info.stage_seconds["balance"] = time.perf_counter() - t_start
@@ -425,6 +478,16 @@ def ilp_placement(loads_LE: np.ndarray, topo: Topology, trans: np.ndarray | None
                                                     f"ILP stage 3 (traffic, sweep {sweep + 1})"):
                     A[l] = A_new
                     info.refine_improved += int(improved)
+        if S == 1 and G == E and topo.num_nodes == 1 and np.allclose(W[~np.eye(G, dtype=bool)], W[0, 1]):
+            # one expert per GPU, uniform links: the boundaries decouple (any expert-to-expert matching
+            # between layers is realisable), so per-boundary max-weight matchings are exactly optimal
+            A_s1 = [A[0]]
+            for l in range(L - 1):
+                col = linear_assignment(-trans[l])            # expert at l -> expert at l+1 on the same GPU
+                A_s1.append(col[A_s1[-1]])
+            if weighted_traffic(A_s1, trans, W, E) < weighted_traffic(A, trans, W, E) - 1e-9:
+                A = A_s1
+                info.exact_traffic = True
         if all(np.all(c == 1) for c in cnt):
             A_dp = _dp_with_slack(loads_LE, res, mean, trans, W, G, S, balance_slack)
             if A_dp is not None:
