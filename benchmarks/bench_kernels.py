@@ -54,8 +54,9 @@ SMOKE_SHAPES = {"smoke_a": (64, 48, 4, 2), "smoke_b": (96, 32, 6, 3)}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(SHAPES), help="comma list from " + ", ".join(SHAPES))
-    p.add_argument("--tokens", default="128,4096,16384", help="comma list of T")
+    p.add_argument("--shapes", default=None,
+                   help=f"comma list from {', '.join(SHAPES)} (default: all; with --cpu-smoke: {', '.join(SMOKE_SHAPES)})")
+    p.add_argument("--tokens", default=None, help="comma list of T (default 128,4096,16384; with --cpu-smoke 8,32)")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma list from fwd, fwdbwd")
     p.add_argument("--variants", default="triton,grouped_mm,loop,dense")
     p.add_argument("--warmup", type=int, default=3)
@@ -93,8 +94,14 @@ def main(argv=None) -> int:
 
     device = "cpu" if args.cpu_smoke else "cuda"
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
-    shapes = SMOKE_SHAPES if args.cpu_smoke else {s: SHAPES[s] for s in args.shapes.split(",")}
-    tokens = [8, 32] if args.cpu_smoke else [int(t) for t in args.tokens.split(",")]
+    table = SMOKE_SHAPES if args.cpu_smoke else SHAPES
+    names = args.shapes.split(",") if args.shapes else list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        print(f"unknown shape(s) {unknown}; choose from {sorted(table)}")
+        return 2
+    shapes = {n: table[n] for n in names}
+    tokens = [int(t) for t in (args.tokens or ("8,32" if args.cpu_smoke else "128,4096,16384")).split(",")]
     modes = args.modes.split(",")
     variants = args.variants.split(",")
     machine = {
