@@ -162,6 +162,9 @@ def test_patched_logits_match(hf_model):
         if i not in moe_idx:
             assert type(l.mlp) is type(hf_model.model.layers[i].mlp)
     ids, _ = ids_and_labels()
+    # KV-cached greedy decoding (T = B tokens per step) gives the same tokens
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(ids, **gen), hf_model.generate(ids, **gen))
     with torch.no_grad():
         ref = hf_model(ids).logits
         out = patched(ids).logits
