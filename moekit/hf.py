@@ -11,6 +11,8 @@ API::
     unpatch_model(model) -> model                 # in place: fresh HF blocks holding the current weights
     export_state_dict(model) -> dict              # HF-format state dict of a patched model
     save_pretrained(model, path, **kw)            # model.save_pretrained with the exported state dict
+    hf_tensors(layer) -> dict                     # one layer's tensors under its HF block's keys
+    hf_family(module) -> str | None               # which supported family a module is
 
 Supported HF families (transformers 5.x class names; subclasses are recognised too):
 
@@ -86,7 +88,7 @@ from moekit.layer import MoELayer
 from moekit.router import Routing
 
 __all__ = ["HFMoEAdapter", "HFSpec", "SUPPORTED_BLOCKS", "from_hf", "to_hf", "patch_model", "unpatch_model",
-           "export_state_dict", "save_pretrained", "hf_family"]
+           "export_state_dict", "save_pretrained", "hf_family", "hf_tensors"]
 
 # class name -> family; the MRO is walked, so subclasses of these classes are recognised
 SUPPORTED_BLOCKS: dict[str, str] = {
@@ -137,7 +139,7 @@ class HFMoEAdapter(nn.Module):
         super().__init__()
         self.moe = moe
         self._last_logits: Optional[torch.Tensor] = None
-        moe.add_routing_observer(_keep_logits_on_adapter(self))
+        moe.add_routing_observer(_AdapterLogitsObserver(self))
 
     def forward(self, hidden_states: torch.Tensor):
         self._last_logits = None
@@ -147,7 +149,7 @@ class HFMoEAdapter(nn.Module):
         return y, (logits.to(hidden_states.dtype) if logits is not None else None)
 
 
-class _keep_logits_on_adapter:
+class _AdapterLogitsObserver:
     """Routing observer (a picklable callable, not a closure) that hands logits to an adapter."""
 
     def __init__(self, adapter: HFMoEAdapter):
@@ -234,7 +236,7 @@ def _activation(act_fn: Any, where: str) -> str:
         return "swiglu"
     if name == "GELUActivation" and getattr(act_fn, "act", F.gelu) is F.gelu:
         return "geglu"
-    if act_fn is F.gelu or name == "GELU" and getattr(act_fn, "approximate", "none") == "none":
+    if act_fn is F.gelu or (name == "GELU" and getattr(act_fn, "approximate", "none") == "none"):
         return "geglu"
     raise NotImplementedError(
         f"{where}: activation {name} has no moekit equivalent (moekit GLU experts use silu or exact gelu)")
