@@ -207,8 +207,9 @@ def test_patched_grads_match(hf_model):
     for a, b in zip(out.router_logits, out_ref.router_logits):
         assert rel(a.float(), b.float()) <= TOL
     if out_ref.aux_loss is not None:
-        assert out.aux_loss is not None and abs(float(out.aux_loss - out_ref.aux_loss)) <= TOL * float(out_ref.aux_loss)
-    assert abs(float(out.loss - out_ref.loss)) <= TOL * float(out_ref.loss)
+        assert out.aux_loss is not None
+        assert abs(out.aux_loss.item() - out_ref.aux_loss.item()) <= TOL * out_ref.aux_loss.item()
+    assert abs(out.loss.item() - out_ref.loss.item()) <= TOL * out_ref.loss.item()
     out_ref.loss.backward()
     out.loss.backward()
     checked = 0
