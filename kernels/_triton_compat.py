@@ -123,7 +123,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def upcast_dots(dtype: torch.dtype) -> bool:
-    """Triton 3.9's interpreter multiplies bf16 dot operands as raw uint16 bits (a bug); in the
-    interpreter bf16 tiles are cast to fp32 before ``tl.dot`` (exact: bf16 products fit fp32)."""
+def interpreter_bf16_fix(dtype: torch.dtype) -> bool:
+    """Work around two bf16 bugs of Triton 3.9's interpreter (never active when compiled):
+    it multiplies bf16 ``tl.dot`` operands as raw uint16 bits (the kernels cast bf16 tiles to
+    fp32 first: exact, bf16 products fit fp32) and it truncates fp32 -> bf16 casts (the
+    kernels round to nearest even by hand)."""
     return INTERPRET and dtype == torch.bfloat16

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as Fn
 
 from ._triton_compat import (HAS_TRITON, INTERPRET, cdiv, check_runnable, dot_precision, tl,
-                             triton, upcast_dots)
+                             interpreter_bf16_fix, triton)
 from .align import moe_align, padded_size
 
 # name -> (is_glu, activation code used by the kernels: 0 silu, 1 exact gelu, 2 relu)
@@ -68,8 +68,8 @@ def _gemm_configs():
     if not HAS_TRITON:
         return []
     if INTERPRET:
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bn, bk, w, s in [(64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3),
                                  (128, 128, 8, 3), (256, 64, 8, 3)]]
 
@@ -93,6 +93,19 @@ def _combine_blocks(T: int, D: int) -> Tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------
+@triton.jit
+def _cast(x, DT: tl.constexpr, BF16_FIX: tl.constexpr):
+    """x.to(DT). With BF16_FIX (interpreter + bf16 only): round-to-nearest-even by hand, since
+    Triton 3.9's interpreter truncates fp32 -> bf16 (compiled Triton rounds to nearest even)."""
+    if BF16_FIX:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(DT)
+    return out
+
+
 # Activation math, written inline in each kernel (the interpreter re-patches triton.language on
 # every call of a nested @triton.jit function, which made helper calls the dominant CPU cost):
 #   ACT 0 silu: g * sigmoid(g);  d/dg = s * (1 + g * (1 - s))
@@ -101,17 +114,24 @@ def _combine_blocks(T: int, D: int) -> Tuple[int, int]:
 
 
 @triton.autotune(configs=_gemm_configs(), key=["D", "F", "BLOCK_M"])
-@triton.jit(do_not_specialize=["n_slots"])
+@triton.jit(do_not_specialize=["n_slots", "n_blocks"])
 def _moe_gemm_in_kernel(
     x_ptr, w_ptr, pre_ptr, h_ptr, padded_slots_ptr, block_expert_ptr,
-    n_slots, D, F,
+    n_slots, n_blocks, D, F,
     stride_xt, stride_we, stride_wh, stride_pre, stride_h,
     TOPK: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BF16_FIX: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # grouped ("swizzled") order over a 1-D grid: GROUP_M row blocks sweep all column tiles
+    # together, so their token rows and the expert's weight tiles are reused from L2
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(F, BLOCK_N)
+    per_group = GROUP_M * n_tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:
         return
@@ -131,19 +151,19 @@ def _moe_gemm_in_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wmask = k_ok[:, None] & n_ok[None, :]
         wg = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wh + offs_k[:, None], mask=wmask, other=0.0)
-        if UPCAST:
+        if BF16_FIX:
             acc_g = tl.dot(a.to(tl.float32), wg.to(tl.float32), acc_g, input_precision=PREC)
         else:
             acc_g = tl.dot(a, wg, acc_g, input_precision=PREC)
         if GLU:
             wu = tl.load(w_base + (offs_n + F)[None, :].to(tl.int64) * stride_wh + offs_k[:, None],
                          mask=wmask, other=0.0)
-            if UPCAST:
+            if BF16_FIX:
                 acc_u = tl.dot(a.to(tl.float32), wu.to(tl.float32), acc_u, input_precision=PREC)
             else:
                 acc_u = tl.dot(a, wu, acc_u, input_precision=PREC)
     OUT_T = h_ptr.dtype.element_ty
-    g = acc_g.to(OUT_T).to(ACC)
+    g = _cast(acc_g, OUT_T, BF16_FIX).to(ACC)
     if ACT == 0:
         h = g * tl.sigmoid(g)
     elif ACT == 1:
@@ -151,10 +171,10 @@ def _moe_gemm_in_kernel(
     else:
         h = tl.maximum(g, 0.0)
     if GLU:
-        u = acc_u.to(OUT_T).to(ACC)
+        u = _cast(acc_u, OUT_T, BF16_FIX).to(ACC)
         h = h * u
     rows = offs_m.to(tl.int64)
-    tl.store(h_ptr + rows[:, None] * stride_h + offs_n[None, :], h.to(OUT_T), mask=n_ok[None, :])
+    tl.store(h_ptr + rows[:, None] * stride_h + offs_n[None, :], _cast(h, OUT_T, BF16_FIX), mask=n_ok[None, :])
     if SAVE_PRE:
         tl.store(pre_ptr + rows[:, None] * stride_pre + offs_n[None, :], g.to(OUT_T), mask=n_ok[None, :])
         if GLU:
@@ -162,18 +182,25 @@ def _moe_gemm_in_kernel(
 
 
 @triton.autotune(configs=_gemm_configs(), key=["NOUT", "KD", "BLOCK_M", "HAS_SCALE"])
-@triton.jit(do_not_specialize=["n_slots"])
+@triton.jit(do_not_specialize=["n_slots", "n_blocks"])
 def _moe_gemm_out_kernel(
     l_ptr, w_ptr, scale_ptr, out_ptr, padded_slots_ptr, block_expert_ptr,
-    n_slots, NOUT, KD,
+    n_slots, n_blocks, NOUT, KD,
     stride_l, stride_we, stride_wn, stride_wk, stride_out,
-    HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BF16_FIX: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[slot, n] = scale[slot] * sum_k L[row, k] * W[e, n, k] for the rows of one block
     (rows in padded order, results scattered to their slot rows; each slot written once)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # grouped ("swizzled") order over a 1-D grid: GROUP_M row blocks sweep all column tiles
+    # together, so their token rows and the expert's weight tiles are reused from L2
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(NOUT, BLOCK_N)
+    per_group = GROUP_M * n_tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:
         return
@@ -192,22 +219,23 @@ def _moe_gemm_out_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
+        if BF16_FIX:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
         else:
             acc = tl.dot(a, b, acc, input_precision=PREC)
     OUT_T = out_ptr.dtype.element_ty
-    o = acc.to(OUT_T)
+    o = _cast(acc, OUT_T, BF16_FIX)
     if HAS_SCALE:
         sc = tl.load(scale_ptr + slots, mask=row_ok, other=0.0)
-        o = (o.to(ACC) * sc.to(ACC)[:, None]).to(OUT_T)
+        o = _cast(o.to(ACC) * sc.to(ACC)[:, None], OUT_T, BF16_FIX)
     tl.store(out_ptr + slots.to(tl.int64)[:, None] * stride_out + offs_n[None, :], o,
              mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
 def _combine_kernel(src_ptr, ids_ptr, out_ptr, T, D, E, stride_src, stride_out,
-                    TOPK: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                    TOPK: tl.constexpr, ACC: tl.constexpr, BF16_FIX: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -223,24 +251,31 @@ def _combine_kernel(src_ptr, ids_ptr, out_ptr, T, D, E, stride_src, stride_out,
                     other=0.0)
         acc += v.to(ACC)
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_out + offs_d[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+             _cast(acc, out_ptr.dtype.element_ty, BF16_FIX), mask=t_ok[:, None] & d_ok[None, :])
 
 
 # reset_to_zero: the number of F tiles (rows of dwp written) depends on the config, so the
 # autotuner zeroes dwp before each benchmark run and before the final run
 @triton.autotune(configs=_gemm_configs(), key=["D", "F", "BLOCK_M"], reset_to_zero=["dwp_ptr"])
-@triton.jit(do_not_specialize=["n_slots"])
+@triton.jit(do_not_specialize=["n_slots", "n_blocks"])
 def _moe_gemm_dh_kernel(
     dy_ptr, w_ptr, pre_ptr, scale_ptr, dpre_ptr, dwp_ptr, padded_slots_ptr, block_expert_ptr,
-    n_slots, D, F,
+    n_slots, n_blocks, D, F,
     stride_dyt, stride_we, stride_wd, stride_pre, stride_dpre,
     TOPK: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, NEED_DW: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BF16_FIX: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """g = dy[token] @ W_out[e] ([BM, BLOCK_N] of F); dw partial = <g, h>; dpre = act'(...)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # grouped ("swizzled") order over a 1-D grid: GROUP_M row blocks sweep all column tiles
+    # together, so their token rows and the expert's weight tiles are reused from L2
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(F, BLOCK_N)
+    per_group = GROUP_M * n_tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:
         return
@@ -260,7 +295,7 @@ def _moe_gemm_dh_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_base + offs_k[:, None].to(tl.int64) * stride_wd + offs_n[None, :],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
+        if BF16_FIX:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
         else:
             acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -280,9 +315,9 @@ def _moe_gemm_dh_kernel(
         dact = tl.where(gate > 0, 1.0, 0.0).to(ACC)
     if GLU:
         up = tl.load(pre_ptr + rows[:, None] * stride_pre + F + offs_n[None, :], mask=m2, other=0.0).to(ACC)
-        h = (act * up).to(OUT_T).to(ACC)
+        h = _cast(act * up, OUT_T, BF16_FIX).to(ACC)
     else:
-        h = act.to(OUT_T).to(ACC)
+        h = _cast(act, OUT_T, BF16_FIX).to(ACC)
     if NEED_DW:
         dwp = tl.sum(acc * h, axis=1)
         tl.store(dwp_ptr + pid_n.to(tl.int64) * n_slots + slots, dwp, mask=row_ok)
@@ -290,12 +325,12 @@ def _moe_gemm_dh_kernel(
     dh = acc * sc[:, None]
     if GLU:
         tl.store(dpre_ptr + rows[:, None] * stride_dpre + offs_n[None, :],
-                 (dh * up * dact).to(OUT_T), mask=n_ok[None, :])
+                 _cast(dh * up * dact, OUT_T, BF16_FIX), mask=n_ok[None, :])
         tl.store(dpre_ptr + rows[:, None] * stride_dpre + F + offs_n[None, :],
-                 (dh * act).to(OUT_T), mask=n_ok[None, :])
+                 _cast(dh * act, OUT_T, BF16_FIX), mask=n_ok[None, :])
     else:
         tl.store(dpre_ptr + rows[:, None] * stride_dpre + offs_n[None, :],
-                 (dh * dact).to(OUT_T), mask=n_ok[None, :])
+                 _cast(dh * dact, OUT_T, BF16_FIX), mask=n_ok[None, :])
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["M", "NN", "A_GATHER", "HAS_SCALE"])
@@ -305,7 +340,7 @@ def _moe_wgrad_kernel(
     n_slots, M, NN,
     stride_a, stride_b, stride_oe, stride_om,
     TOPK: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    BF16_FIX: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[e, m, n] = sum over the rows r of expert e: A[r, m] * B[r, n] (A optionally scaled
@@ -336,14 +371,14 @@ def _moe_wgrad_kernel(
         a = tl.load(a_ptr + ia[:, None] * stride_a + offs_m[None, :], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
         if HAS_SCALE:
             sc = tl.load(scale_ptr + slots, mask=r_ok, other=0.0)
-            a = (a.to(ACC) * sc.to(ACC)[:, None]).to(a.dtype)
+            a = _cast(a.to(ACC) * sc.to(ACC)[:, None], a.dtype, BF16_FIX)
         b = tl.load(b_ptr + ib[:, None] * stride_b + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
+        if BF16_FIX:
             acc = tl.dot(tl.trans(a).to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
         else:
             acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
     tl.store(out_ptr + e.to(tl.int64) * stride_oe + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+             _cast(acc, out_ptr.dtype.element_ty, BF16_FIX), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------
@@ -423,16 +458,16 @@ def _fwd_impl(x, ids, w, w_in, w_out, activation: str, block_m: int, save_pre: b
     y = torch.empty(T, D, dtype=dt, device=dev)
     if T == 0:
         return y, h, pre, lay
-    common = dict(UPCAST=upcast_dots(dt), PREC=dot_precision(dt), ACC=_tl_acc(dt))
-    _moe_gemm_in_kernel[lambda META: (B, cdiv(F, META["BLOCK_N"]))](
+    common = dict(BF16_FIX=interpreter_bf16_fix(dt), PREC=dot_precision(dt), ACC=_tl_acc(dt))
+    _moe_gemm_in_kernel[lambda META: (B * cdiv(F, META["BLOCK_N"]),)](
         x, w_in, pre if save_pre else h, h, lay.padded_slots_P, lay.block_expert_B,
-        N, D, F, x.stride(0), w_in.stride(0), w_in.stride(1), H, F,
+        N, B, D, F, x.stride(0), w_in.stride(0), w_in.stride(1), H, F,
         TOPK=K, GLU=glu, ACT=act, SAVE_PRE=save_pre, BLOCK_M=block_m, **common)
     y_slot = torch.empty(N, D, dtype=dt, device=dev)
     scale = w.reshape(-1).to(dt).contiguous()
-    _moe_gemm_out_kernel[lambda META: (B, cdiv(D, META["BLOCK_N"]))](
+    _moe_gemm_out_kernel[lambda META: (B * cdiv(D, META["BLOCK_N"]),)](
         h, w_out, scale, y_slot, lay.padded_slots_P, lay.block_expert_B,
-        N, D, F, F, w_out.stride(0), w_out.stride(1), w_out.stride(2), D,
+        N, B, D, F, F, w_out.stride(0), w_out.stride(1), w_out.stride(2), D,
         HAS_SCALE=True, BLOCK_M=block_m, **common)
     _combine(y_slot, ids, y, E)
     return y, h, pre, lay
@@ -443,7 +478,8 @@ def _combine(src_ND, ids, out_TD, E):
     BT, BD = _combine_blocks(T, D)
     _combine_kernel[(cdiv(T, BT), cdiv(D, BD))](
         src_ND, ids, out_TD, T, D, E, src_ND.stride(0), out_TD.stride(0),
-        TOPK=ids.shape[1], ACC=_tl_acc(out_TD.dtype), BLOCK_T=BT, BLOCK_D=BD)
+        TOPK=ids.shape[1], ACC=_tl_acc(out_TD.dtype), BF16_FIX=interpreter_bf16_fix(out_TD.dtype),
+        BLOCK_T=BT, BLOCK_D=BD)
 
 
 def _bwd_impl(dy, x, ids, w, w_in, w_out, h, pre, padded_slots, block_expert, padded_offsets,
@@ -463,7 +499,7 @@ def _bwd_impl(dy, x, ids, w, w_in, w_out, h, pre, padded_slots, block_expert, pa
     if T == 0:
         return dx, dw, dw_in, dw_out
     B = block_expert.numel()
-    common = dict(UPCAST=upcast_dots(dt), PREC=dot_precision(dt), ACC=_tl_acc(dt))
+    common = dict(BF16_FIX=interpreter_bf16_fix(dt), PREC=dot_precision(dt), ACC=_tl_acc(dt))
     scale = w.reshape(-1).to(dt).contiguous()
     dy = dy.contiguous()
     if need_x or need_w or need_win:
@@ -473,17 +509,17 @@ def _bwd_impl(dy, x, ids, w, w_in, w_out, h, pre, padded_slots, block_expert, pa
         # the buffer for the smallest BLOCK_N any config uses
         min_bn = min(c.kwargs["BLOCK_N"] for c in _gemm_configs())
         dwp = torch.zeros(cdiv(F, min_bn) if need_w else 1, N if need_w else 1, dtype=acc_dt, device=dev)
-        _moe_gemm_dh_kernel[lambda META: (B, cdiv(F, META["BLOCK_N"]))](
+        _moe_gemm_dh_kernel[lambda META: (B * cdiv(F, META["BLOCK_N"]),)](
             dy, w_out, pre, scale, dpre, dwp, padded_slots, block_expert,
-            N, D, F, dy.stride(0), w_out.stride(0), w_out.stride(1), H, H,
+            N, B, D, F, dy.stride(0), w_out.stride(0), w_out.stride(1), H, H,
             TOPK=K, GLU=glu, ACT=act, NEED_DW=need_w, BLOCK_M=block_m, **common)
         if need_w:
             dw = dwp.sum(0).view(T, K).to(w.dtype)
         if need_x:
             dx_slot = torch.empty(N, D, dtype=dt, device=dev)
-            _moe_gemm_out_kernel[lambda META: (B, cdiv(D, META["BLOCK_N"]))](
+            _moe_gemm_out_kernel[lambda META: (B * cdiv(D, META["BLOCK_N"]),)](
                 dpre, w_in, scale, dx_slot, padded_slots, block_expert,
-                N, D, H, H, w_in.stride(0), w_in.stride(2), w_in.stride(1), D,
+                N, B, D, H, H, w_in.stride(0), w_in.stride(2), w_in.stride(1), D,
                 HAS_SCALE=False, BLOCK_M=block_m, **common)
             _combine(dx_slot, ids, dx, E)
         if need_win:
