@@ -13,7 +13,10 @@ backends share the dispatch (sort assignments by expert, gather rows) and the co
 """
 from __future__ import annotations
 
-from typing import Callable
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,9 +97,15 @@ def _grouped_mm_available() -> bool:
 
 
 def grouped_mm_backend(x_TD, topk_ids_TK, topk_weights_TK, w_in_EHD, w_out_EDF, activation):
-    """``torch.nn.functional.grouped_mm`` over ragged expert segments (torch >= 2.9);
-    falls back to :func:`loop_backend` where the installed torch lacks it or for dtypes
-    grouped_mm does not take (float64, used by exact tests)."""
+    """Grouped GEMMs over ragged expert segments, no padding.
+
+    On CPU: :class:`_CPUGroupedExperts` (per-expert GEMMs on single-threaded workers, gather,
+    activation, routing weight and scatter fused per segment; any float dtype). Elsewhere:
+    ``torch.nn.functional.grouped_mm`` (torch >= 2.9), falling back to :func:`loop_backend`
+    where the installed torch lacks it or for dtypes grouped_mm does not take."""
+    if x_TD.device.type == "cpu":
+        return _CPUGroupedExperts.apply(x_TD, topk_weights_TK, w_in_EHD, w_out_EDF,
+                                        Dispatch(topk_ids_TK, w_in_EHD.shape[0]), activation)
     if not _grouped_mm_available() or x_TD.dtype not in _GROUPED_MM_DTYPES:
         return loop_backend(x_TD, topk_ids_TK, topk_weights_TK, w_in_EHD, w_out_EDF, activation)
     d = Dispatch(topk_ids_TK, w_in_EHD.shape[0])
@@ -128,6 +137,187 @@ class _GroupedMM(torch.autograd.Function):
             # 2D x 2D grouped form: [O, N] x [N, I] partitioned along N -> [E, O, I]
             grad_w = F.grouped_mm(grad_NO.t(), x_NI, offs=offs_E)
         return grad_x, grad_w, None
+
+
+# ---- CPU: grouped GEMMs on single-threaded workers ------------------------------------------------
+#
+# torch's CPU grouped_mm is a loop of one ``mm`` per expert, each an OpenMP fork/join over all
+# intra-op threads: 2E barriers per forward (4E more in backward) on skinny GEMMs, which costs
+# little on an idle machine but up to a scheduler time slice per barrier when other processes
+# share the cores (measured on 2 busy cores: 64 x [256,1024]@[1024,1024] took 2.3x the time of
+# the one dense GEMM with the same FLOPs; the same GEMMs split over two single-threaded workers
+# took 1.0x). So on CPU the expert-sorted rows are cut into one contiguous, equal-sized range per
+# intra-op thread, and each worker runs its range expert by expert with single-threaded BLAS:
+# gather rows -> up GEMM -> activation -> down GEMM -> routing weight -> scatter to (token, slot).
+# Everything between the two GEMMs stays in cache, and neither the gathered input nor the
+# activation output is materialised for all N rows; backward saves only h = x @ w_in^T.
+
+_WORKER_POOLS: dict[int, ThreadPoolExecutor] = {}
+_WORKER_POOLS_LOCK = threading.Lock()
+
+
+def _worker_pool(num_workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``num_workers`` threads whose torch ops run single-threaded."""
+    with _WORKER_POOLS_LOCK:
+        pool = _WORKER_POOLS.get(num_workers)
+        if pool is None:
+            pool = ThreadPoolExecutor(num_workers, thread_name_prefix="moekit-experts",
+                                      initializer=torch.set_num_threads, initargs=(1,))
+            started = threading.Barrier(num_workers)
+            list(pool.map(lambda _: started.wait(), range(num_workers)))  # start (and init) them all now
+            # set_num_threads(1) also changed the default that threads created later start with:
+            # restore the caller's value (the workers keep 1: it is thread-local in OpenMP and MKL)
+            torch.set_num_threads(num_workers)
+            _WORKER_POOLS[num_workers] = pool
+    return pool
+
+
+def _run_on_workers(fn: Callable, parts: list) -> list:
+    """``[fn(part) for part in parts]`` without autograd, one part per worker thread (inline
+    for one part). Grad mode is thread-local, hence the ``no_grad`` inside the workers."""
+    def call(part):
+        with torch.no_grad():
+            return fn(part)
+
+    if len(parts) == 1:
+        return [call(parts[0])]
+    return list(_worker_pool(len(parts)).map(call, parts))
+
+
+def _split_rows(counts_E: list[int], num_parts: int) -> list[list[tuple[int, int, int]]]:
+    """Cut the N expert-sorted rows into ``num_parts`` contiguous ranges of equal size; each
+    range is a list of ``(expert, start, end)`` pieces (an expert may span two ranges)."""
+    N = sum(counts_E)
+    bounds = [N * j // num_parts for j in range(num_parts + 1)]
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        pieces, start = [], 0
+        for e, n in enumerate(counts_E):
+            a, b = max(start, lo), min(start + n, hi)
+            if a < b:
+                pieces.append((e, a, b))
+            start += n
+        parts.append(pieces)
+    return [p for p in parts if p] or [[]]
+
+
+def _activation_backward(grad_NF: torch.Tensor, h_NH: torch.Tensor, activation: str) -> torch.Tensor:
+    """d activate(h) / dh applied to ``grad_NF`` (the aten backward kernels of each activation)."""
+    aten = torch.ops.aten
+
+    def d_act(g, z):
+        if activation in ("swiglu", "silu"):
+            return aten.silu_backward(g, z)
+        if activation in ("geglu", "gelu"):
+            return aten.gelu_backward(g, z)
+        return aten.threshold_backward(g, z, 0)  # relu
+
+    if activation in GLU_ACTIVATIONS:
+        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
+        act_NF = F.silu(gate_NF) if activation == "swiglu" else F.gelu(gate_NF)
+        return torch.cat([d_act(grad_NF * up_NF, gate_NF), grad_NF * act_NF], dim=-1)
+    return d_act(grad_NF, h_NH)
+
+
+class _CPUGroupedExperts(torch.autograd.Function):
+    """``y[t] = sum_k w[t,k] * down_e(act(up_e(x[t])))``, ``e = ids[t,k]``, on CPU workers.
+
+    The same arithmetic, in the same association, as :func:`loop_backend` under autograd
+    (unweighted expert outputs placed in (token, slot) order, then a weighted sum over K);
+    only the blocking of each expert's rows over the workers differs. Saves
+    ``h_NH = x_ND @ w_in[e]^T`` (expert-sorted) and the unweighted output slots for
+    backward; input rows, activations and output-gradient rows are re-gathered or
+    recomputed per segment.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, topk_weights_TK, w_in_EHD, w_out_EDF, d: Dispatch, activation: str):
+        T, K, D = d.num_tokens, d.top_k, x_TD.shape[-1]
+        x_TD = x_TD.contiguous()
+        pos_N, token_N = d.order_N, d.token_N
+        counts = d.tokens_per_expert_E.tolist()
+        N, H = pos_N.numel(), w_in_EHD.shape[1]
+        save = any(ctx.needs_input_grad)
+        h_NH = x_TD.new_empty(N, H) if save else None
+        # dropped (token, slot) pairs keep a zero row: their weight is 0, and 0 * garbage may be NaN
+        slots_TKD = x_TD.new_zeros(T * K, D) if N < T * K else x_TD.new_empty(T * K, D)
+
+        def run(pieces):
+            for e, a, b in pieces:
+                x_nD = x_TD.index_select(0, token_N[a:b])
+                h_nH = torch.mm(x_nD, w_in_EHD[e].t(), out=h_NH[a:b]) if save else torch.mm(x_nD, w_in_EHD[e].t())
+                slots_TKD.index_copy_(0, pos_N[a:b], torch.mm(activate(h_nH, activation), w_out_EDF[e].t()))
+
+        _run_on_workers(run, _split_rows(counts, torch.get_num_threads()))
+        w_T1K = topk_weights_TK.to(x_TD.dtype).unsqueeze(1)
+        if save:
+            ctx.save_for_backward(x_TD, w_T1K, w_in_EHD, w_out_EDF, h_NH, slots_TKD)
+            ctx.d, ctx.counts, ctx.activation = d, counts, activation
+            ctx.weights_dtype = topk_weights_TK.dtype
+        return torch.bmm(w_T1K, slots_TKD.view(T, K, D)).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        x_TD, w_T1K, w_in_EHD, w_out_EDF, h_NH, slots_TKD = ctx.saved_tensors
+        d, activation, counts = ctx.d, ctx.activation, ctx.counts
+        T, K, D = d.num_tokens, d.top_k, x_TD.shape[-1]
+        pos_N, token_N = d.order_N, d.token_N
+        need_x, need_w, need_in, need_out = ctx.needs_input_grad[:4]
+        grad_TD = grad_TD.contiguous()
+        grad_weights = grad_x = grad_in = grad_out = None
+        if need_w:  # the bmm's own backward, as autograd computes it for the loop backend
+            grad_weights = torch.bmm(grad_TD.unsqueeze(1), slots_TKD.view(T, K, D).transpose(1, 2))
+            grad_weights = grad_weights.view(T, K).to(ctx.weights_dtype)
+        if not (need_x or need_in or need_out):
+            return grad_x, grad_weights, grad_in, grad_out, None, None
+        w_N = w_T1K.view(-1).index_select(0, pos_N)
+        if need_x:
+            gslots_TKD = x_TD.new_zeros(T * K, D) if pos_N.numel() < T * K else x_TD.new_empty(T * K, D)
+        grad_in = torch.empty_like(w_in_EHD) if need_in else None
+        grad_out = torch.empty_like(w_out_EDF) if need_out else None
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        parts = _split_rows(counts, torch.get_num_threads())
+        # An expert whose rows two workers share gets its weight grads from one GEMM over all its
+        # rows afterwards (two partial sums would round differently from the loop backend):
+        # the workers leave its output-grad rows and activation-grad rows in side buffers.
+        pieces_per_expert = Counter(e for pieces in parts for e, _, _ in pieces)
+        side = {e: (x_TD.new_empty(counts[e], D), x_TD.new_empty(counts[e], h_NH.shape[1]))
+                for e, c in pieces_per_expert.items() if c > 1 and (need_in or need_out)}
+
+        def run(pieces):
+            for e, a, b in pieces:
+                tok = token_N[a:b]
+                g_nD = grad_TD.index_select(0, tok).mul_(w_N[a:b, None])  # grad of the unweighted rows
+                h_nH = h_NH[a:b]
+                g_nH = _activation_backward(torch.mm(g_nD, w_out_EDF[e]), h_nH, activation)
+                if e in side:
+                    side[e][0][a - starts[e]:b - starts[e]] = g_nD
+                    side[e][1][a - starts[e]:b - starts[e]] = g_nH
+                else:
+                    if need_out:
+                        torch.mm(g_nD.t(), activate(h_nH, activation), out=grad_out[e])
+                    if need_in:
+                        torch.mm(g_nH.t(), x_TD.index_select(0, tok), out=grad_in[e])
+                if need_x:
+                    gslots_TKD.index_copy_(0, pos_N[a:b], torch.mm(g_nH, w_in_EHD[e]))
+
+        _run_on_workers(run, parts)
+        for e, (g_nD, g_nH) in side.items():
+            rows = slice(starts[e], starts[e + 1])
+            if need_out:
+                torch.mm(g_nD.t(), activate(h_NH[rows], activation), out=grad_out[e])
+            if need_in:
+                torch.mm(g_nH.t(), x_TD.index_select(0, token_N[rows]), out=grad_in[e])
+        for buf in (grad_in, grad_out):
+            if buf is not None:
+                for e, n in enumerate(counts):
+                    if n == 0:
+                        buf[e].zero_()
+        if need_x:
+            grad_x = gslots_TKD.view(T, K, D).sum(1) if K > 1 else gslots_TKD
+        return grad_x, grad_weights, grad_in, grad_out, None, None
 
 
 def triton_backend(x_TD, topk_ids_TK, topk_weights_TK, w_in_EHD, w_out_EDF, activation):
