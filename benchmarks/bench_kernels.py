@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=None,
-                   help=f"comma list from {', '.join(SHAPES)} (default: all; with --cpu-smoke: {', '.join(SMOKE_SHAPES)})")
+                   help=f"comma list from {', '.join(SHAPES)} "
+                        f"(default: all; with --cpu-smoke: {', '.join(SMOKE_SHAPES)})")
     p.add_argument("--tokens", default=None, help="comma list of T (default 128,4096,16384; with --cpu-smoke 8,32)")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma list from fwd, fwdbwd")
     p.add_argument("--variants", default="triton,grouped_mm,loop,dense")
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     variants = args.variants.split(",")
     machine = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, interpreter)",
+        "device": (torch.cuda.get_device_name() if device == "cuda"
+                   else f"CPU ({platform.processor() or platform.machine()}, interpreter)"),
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "host": platform.node(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "dtype": str(dtype).replace("torch.", ""),

@@ -40,8 +40,14 @@ uses IEEE products unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
 
 ``moe_mlp`` is registered as ``torch.library.custom_op`` ``moekit::moe_mlp_fwd`` /
 ``moekit::moe_mlp_bwd`` with fake implementations and ``register_autograd``, so
-``torch.compile`` traces through it. GEMM autotuning is keyed on (D, F, E, BM, dtypes) only;
-the token-count arguments are ``do_not_specialize``: new T does not recompile or re-tune.
+``torch.compile`` traces through it. GEMM autotuning is keyed on (D, F or H, BM, dtypes) only;
+the token-count arguments are ``do_not_specialize``: a new T does not recompile or re-tune
+(only a new ``block_m`` bucket, see :func:`pick_block_m`, does). The row-block GEMMs run on a
+1-D grid in grouped ("swizzled") order for L2 reuse.
+
+Interpreter only (``TRITON_INTERPRET=1``, bf16): two bugs of Triton 3.9's interpreter are
+worked around behind the ``BF16_FIX`` constexpr (see ``_triton_compat.interpreter_bf16_fix``);
+compiled kernels never take that branch.
 """
 from __future__ import annotations
 
@@ -96,7 +102,9 @@ def _combine_blocks(T: int, D: int) -> Tuple[int, int]:
 @triton.jit
 def _cast(x, DT: tl.constexpr, BF16_FIX: tl.constexpr):
     """x.to(DT). With BF16_FIX (interpreter + bf16 only): round-to-nearest-even by hand, since
-    Triton 3.9's interpreter truncates fp32 -> bf16 (compiled Triton rounds to nearest even)."""
+    Triton 3.9's interpreter truncates fp32 -> bf16 (compiled Triton rounds to nearest even).
+    Call sites read ``_cast(x, DT, True) if BF16_FIX else x.to(DT)`` so that the nested call
+    (costly in the interpreter) only happens on the bf16 interpreter path."""
     if BF16_FIX:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
@@ -107,7 +115,8 @@ def _cast(x, DT: tl.constexpr, BF16_FIX: tl.constexpr):
 
 
 # Activation math, written inline in each kernel (the interpreter re-patches triton.language on
-# every call of a nested @triton.jit function, which made helper calls the dominant CPU cost):
+# every call of a nested @triton.jit function, tl.sigmoid / tl.cdiv included, which made such
+# calls the dominant CPU cost in tests):
 #   ACT 0 silu: g * sigmoid(g);  d/dg = s * (1 + g * (1 - s))
 #   ACT 1 gelu (erf): 0.5 g (1 + erf(g / sqrt 2));  d/dg = 0.5 (1 + erf(g / sqrt 2)) + g * phi(g)
 #   ACT 2 relu: max(g, 0);  d/dg = 1 if g > 0 else 0 (torch's convention at 0)
@@ -126,7 +135,7 @@ def _moe_gemm_in_kernel(
     # grouped ("swizzled") order over a 1-D grid: GROUP_M row blocks sweep all column tiles
     # together, so their token rows and the expert's weight tiles are reused from L2
     pid = tl.program_id(0)
-    n_tiles_n = tl.cdiv(F, BLOCK_N)
+    n_tiles_n = (F + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * n_tiles_n
     first_m = (pid // per_group) * GROUP_M
     group_m = tl.minimum(n_blocks - first_m, GROUP_M)
@@ -163,18 +172,19 @@ def _moe_gemm_in_kernel(
             else:
                 acc_u = tl.dot(a, wu, acc_u, input_precision=PREC)
     OUT_T = h_ptr.dtype.element_ty
-    g = _cast(acc_g, OUT_T, BF16_FIX).to(ACC)
+    g = (_cast(acc_g, OUT_T, True) if BF16_FIX else acc_g.to(OUT_T)).to(ACC)
     if ACT == 0:
-        h = g * tl.sigmoid(g)
+        h = g * (1.0 / (1.0 + tl.exp(-g)))
     elif ACT == 1:
         h = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     else:
         h = tl.maximum(g, 0.0)
     if GLU:
-        u = _cast(acc_u, OUT_T, BF16_FIX).to(ACC)
+        u = (_cast(acc_u, OUT_T, True) if BF16_FIX else acc_u.to(OUT_T)).to(ACC)
         h = h * u
     rows = offs_m.to(tl.int64)
-    tl.store(h_ptr + rows[:, None] * stride_h + offs_n[None, :], _cast(h, OUT_T, BF16_FIX), mask=n_ok[None, :])
+    h_out = _cast(h, OUT_T, True) if BF16_FIX else h.to(OUT_T)
+    tl.store(h_ptr + rows[:, None] * stride_h + offs_n[None, :], h_out, mask=n_ok[None, :])
     if SAVE_PRE:
         tl.store(pre_ptr + rows[:, None] * stride_pre + offs_n[None, :], g.to(OUT_T), mask=n_ok[None, :])
         if GLU:
@@ -195,7 +205,7 @@ def _moe_gemm_out_kernel(
     # grouped ("swizzled") order over a 1-D grid: GROUP_M row blocks sweep all column tiles
     # together, so their token rows and the expert's weight tiles are reused from L2
     pid = tl.program_id(0)
-    n_tiles_n = tl.cdiv(NOUT, BLOCK_N)
+    n_tiles_n = (NOUT + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * n_tiles_n
     first_m = (pid // per_group) * GROUP_M
     group_m = tl.minimum(n_blocks - first_m, GROUP_M)
@@ -224,10 +234,11 @@ def _moe_gemm_out_kernel(
         else:
             acc = tl.dot(a, b, acc, input_precision=PREC)
     OUT_T = out_ptr.dtype.element_ty
-    o = _cast(acc, OUT_T, BF16_FIX)
+    o = _cast(acc, OUT_T, True) if BF16_FIX else acc.to(OUT_T)
     if HAS_SCALE:
         sc = tl.load(scale_ptr + slots, mask=row_ok, other=0.0)
-        o = _cast(o.to(ACC) * sc.to(ACC)[:, None], OUT_T, BF16_FIX)
+        o = o.to(ACC) * sc.to(ACC)[:, None]
+        o = _cast(o, OUT_T, True) if BF16_FIX else o.to(OUT_T)
     tl.store(out_ptr + slots.to(tl.int64)[:, None] * stride_out + offs_n[None, :], o,
              mask=row_ok[:, None] & n_ok[None, :])
 
@@ -250,8 +261,10 @@ def _combine_kernel(src_ptr, ids_ptr, out_ptr, T, D, E, stride_src, stride_out,
         v = tl.load(src_ptr + slot[:, None] * stride_src + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
                     other=0.0)
         acc += v.to(ACC)
-    tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_out + offs_d[None, :],
-             _cast(acc, out_ptr.dtype.element_ty, BF16_FIX), mask=t_ok[:, None] & d_ok[None, :])
+    OUT_T = out_ptr.dtype.element_ty
+    out = _cast(acc, OUT_T, True) if BF16_FIX else acc.to(OUT_T)
+    tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_out + offs_d[None, :], out,
+             mask=t_ok[:, None] & d_ok[None, :])
 
 
 # reset_to_zero: the number of F tiles (rows of dwp written) depends on the config, so the
@@ -270,7 +283,7 @@ def _moe_gemm_dh_kernel(
     # grouped ("swizzled") order over a 1-D grid: GROUP_M row blocks sweep all column tiles
     # together, so their token rows and the expert's weight tiles are reused from L2
     pid = tl.program_id(0)
-    n_tiles_n = tl.cdiv(F, BLOCK_N)
+    n_tiles_n = (F + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * n_tiles_n
     first_m = (pid // per_group) * GROUP_M
     group_m = tl.minimum(n_blocks - first_m, GROUP_M)
@@ -303,7 +316,7 @@ def _moe_gemm_dh_kernel(
     m2 = row_ok[:, None] & n_ok[None, :]
     gate = tl.load(pre_ptr + rows[:, None] * stride_pre + offs_n[None, :], mask=m2, other=0.0).to(ACC)
     if ACT == 0:
-        sg = tl.sigmoid(gate)
+        sg = (1.0 / (1.0 + tl.exp(-gate)))
         act = gate * sg
         dact = sg * (1.0 + gate * (1.0 - sg))
     elif ACT == 1:
@@ -315,22 +328,22 @@ def _moe_gemm_dh_kernel(
         dact = tl.where(gate > 0, 1.0, 0.0).to(ACC)
     if GLU:
         up = tl.load(pre_ptr + rows[:, None] * stride_pre + F + offs_n[None, :], mask=m2, other=0.0).to(ACC)
-        h = _cast(act * up, OUT_T, BF16_FIX).to(ACC)
+        h = act * up
+        h = (_cast(h, OUT_T, True) if BF16_FIX else h.to(OUT_T)).to(ACC)
     else:
-        h = _cast(act, OUT_T, BF16_FIX).to(ACC)
+        h = (_cast(act, OUT_T, True) if BF16_FIX else act.to(OUT_T)).to(ACC)
     if NEED_DW:
         dwp = tl.sum(acc * h, axis=1)
         tl.store(dwp_ptr + pid_n.to(tl.int64) * n_slots + slots, dwp, mask=row_ok)
     sc = tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(ACC)
     dh = acc * sc[:, None]
+    dgate = dh * up * dact if GLU else dh * dact
+    dgate = _cast(dgate, OUT_T, True) if BF16_FIX else dgate.to(OUT_T)
+    tl.store(dpre_ptr + rows[:, None] * stride_dpre + offs_n[None, :], dgate, mask=n_ok[None, :])
     if GLU:
-        tl.store(dpre_ptr + rows[:, None] * stride_dpre + offs_n[None, :],
-                 _cast(dh * up * dact, OUT_T, BF16_FIX), mask=n_ok[None, :])
-        tl.store(dpre_ptr + rows[:, None] * stride_dpre + F + offs_n[None, :],
-                 _cast(dh * act, OUT_T, BF16_FIX), mask=n_ok[None, :])
-    else:
-        tl.store(dpre_ptr + rows[:, None] * stride_dpre + offs_n[None, :],
-                 _cast(dh * dact, OUT_T, BF16_FIX), mask=n_ok[None, :])
+        dup = dh * act
+        dup = _cast(dup, OUT_T, True) if BF16_FIX else dup.to(OUT_T)
+        tl.store(dpre_ptr + rows[:, None] * stride_dpre + F + offs_n[None, :], dup, mask=n_ok[None, :])
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["M", "NN", "A_GATHER", "HAS_SCALE"])
@@ -371,14 +384,18 @@ def _moe_wgrad_kernel(
         a = tl.load(a_ptr + ia[:, None] * stride_a + offs_m[None, :], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
         if HAS_SCALE:
             sc = tl.load(scale_ptr + slots, mask=r_ok, other=0.0)
-            a = _cast(a.to(ACC) * sc.to(ACC)[:, None], a.dtype, BF16_FIX)
+            a_dt = a.dtype
+            a = a.to(ACC) * sc.to(ACC)[:, None]
+            a = _cast(a, a_dt, True) if BF16_FIX else a.to(a_dt)
         b = tl.load(b_ptr + ib[:, None] * stride_b + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         if BF16_FIX:
             acc = tl.dot(tl.trans(a).to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
         else:
             acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
+    OUT_T = out_ptr.dtype.element_ty
+    out = _cast(acc, OUT_T, True) if BF16_FIX else acc.to(OUT_T)
     tl.store(out_ptr + e.to(tl.int64) * stride_oe + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-             _cast(acc, out_ptr.dtype.element_ty, BF16_FIX), mask=m_ok[:, None] & n_ok[None, :])
+             out, mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------

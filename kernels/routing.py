@@ -191,7 +191,8 @@ def _route_topk_op(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_
 def _(logits_TE, bias_E, top_k, score_func, n_group, topk_group, renormalize, scaling_factor):
     T, E = logits_TE.shape
     dev = logits_TE.device
-    return (torch.empty(T, top_k, dtype=torch.int32, device=dev), torch.empty(T, top_k, dtype=torch.float32, device=dev),
+    return (torch.empty(T, top_k, dtype=torch.int32, device=dev),
+            torch.empty(T, top_k, dtype=torch.float32, device=dev),
             torch.empty(E, dtype=torch.int32, device=dev))
 
 

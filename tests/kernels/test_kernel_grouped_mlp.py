@@ -40,7 +40,8 @@ def make_inputs(T, D, F, E, K, activation, kind="rand", dtype=torch.float32, dev
     w_in = torch.randn(E, H, D, generator=g, dtype=torch.float64) / D ** 0.5
     w_out = torch.randn(E, D, F, generator=g, dtype=torch.float64) / F ** 0.5
     cast = dict(device=device)
-    return (x.to(dtype=dtype, **cast), ids.to(dtype=ids_dtype, **cast), w.to(dtype=torch.float64 if dtype == torch.float64 else torch.float32, **cast),
+    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return (x.to(dtype=dtype, **cast), ids.to(dtype=ids_dtype, **cast), w.to(dtype=w_dtype, **cast),
             w_in.to(dtype=dtype, **cast), w_out.to(dtype=dtype, **cast))
 
 
