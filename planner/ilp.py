@@ -123,8 +123,8 @@ def local_search(w_E: np.ndarray, A: np.ndarray, max_iter: int = 20000, time_bud
     return A
 
 
-def improve_counts(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, A: np.ndarray,
-                   time_budget: float = 0.5, max_tries: int = 400):
+def _improve_counts_repack(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, A: np.ndarray,
+                           time_budget: float = 0.5, max_tries: int = 400):
     """Local search over replica counts: give one more replica to an expert on the heaviest GPU,
     taken from the replicated expert whose replicas would stay lightest; re-pack (greedy + swaps)
     and keep the change when the heaviest GPU gets lighter. Returns (cnt, A)."""
@@ -171,6 +171,71 @@ def improve_counts(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, A: np.nd
     return cnt, A
 
 
+def _improve_counts_move(load_E, G, S, cnt, A, time_budget=0.5, max_tries=100000, n_donors=6, top_gpus=3):
+    """Incremental count moves: one replica of donor d (the replicated expert whose replicas stay
+    lightest) becomes a replica of an expert e on one of the heaviest GPUs, in place; then swaps."""
+    load_E = np.asarray(load_E, dtype=np.float64)
+    w = load_E / cnt
+    def key(wv, AA):
+        ld = wv[AA].sum(axis=1); m = ld.max()
+        return (m, int((ld >= m * (1 - 1e-12)).sum()), float((ld * ld).sum()))
+    best = key(w, A)
+    t_end = time.perf_counter() + time_budget
+    tries = 0
+    improved = True
+    while improved and time.perf_counter() < t_end and tries < max_tries:
+        improved = False
+        loads = w[A].sum(axis=1)
+        gs = np.argsort(-loads)[:top_gpus]
+        cand_e = []
+        for g in gs:
+            for e in A[g][np.argsort(-w[A[g]], kind="stable")]:
+                if cnt[e] < G and e not in cand_e:
+                    cand_e.append(e)
+        donors_all = np.nonzero(cnt > 1)[0]
+        after_all = load_E[donors_all] / np.maximum(cnt[donors_all] - 1, 1)
+        order = donors_all[np.argsort(after_all, kind="stable")]
+        for e in cand_e:
+            if improved or time.perf_counter() > t_end: break
+            k = 0
+            for d in order:
+                if d == e: continue
+                # GPUs holding d but not e
+                rows = np.nonzero((A == d).any(axis=1) & ~(A == e).any(axis=1))[0]
+                if rows.size == 0: continue
+                k += 1
+                if k > n_donors: break
+                tries += 1
+                h = rows[np.argmax(w[A[rows]].sum(axis=1))]   # take d's replica from the heaviest such GPU
+                A2 = A.copy(); s = int(np.nonzero(A2[h] == d)[0][0]); A2[h, s] = e
+                c2 = cnt.copy(); c2[e] += 1; c2[d] -= 1
+                w2 = load_E / c2
+                A2 = local_search(w2, A2, time_budget=0.05)
+                k2 = key(w2, A2)
+                if k2[0] < best[0] - 1e-12 or (k2[0] <= best[0] + 1e-12 and k2[1:] < best[1:]):
+                    cnt, A, w, best = c2, A2, w2, k2
+                    improved = True
+                    break
+    return cnt, A
+
+
+def improve_counts(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, A: np.ndarray,
+                   time_budget: float = 0.5):
+    """Local search over replica counts (water-filling is optimal for the heaviest replica, not
+    for the heaviest GPU): alternate in-place moves and re-packing moves until neither helps."""
+    t_end = time.perf_counter() + time_budget
+    load_E = np.asarray(load_E, dtype=np.float64)
+    cur = float((load_E / cnt)[A].sum(axis=1).max())
+    while time.perf_counter() < t_end:
+        cnt, A = _improve_counts_move(load_E, G, S, cnt, A, time_budget=max(0.0, t_end - time.perf_counter()))
+        cnt, A = _improve_counts_repack(load_E, G, S, cnt, A, time_budget=max(0.0, t_end - time.perf_counter()))
+        new = float((load_E / cnt)[A].sum(axis=1).max())
+        if new >= cur - 1e-12:
+            break
+        cur = new
+    return cnt, A
+
+
 # --- stage 1 ---------------------------------------------------------------------------------
 @dataclass
 class LayerBalance:
@@ -206,7 +271,7 @@ def balance_layer(load_E: np.ndarray, G: int, S: int, solver: str = "highs", tim
     A = local_search(w, A0, time_budget=max(0.05, 0.25 * time_limit))
     best = float(w[A].sum(axis=1).max())
     if G * S > E and best > glob * (1 + rel_gap):
-        cnt, A = improve_counts(load_E, G, S, cnt, A, time_budget=0.5 * time_limit)
+        cnt, A = improve_counts(load_E, G, S, cnt, A, time_budget=0.7 * time_limit)
         w = load_E / cnt
         best = float(w[A].sum(axis=1).max())
         _, bound = layer_bounds(load_E, G, S, cnt)
