@@ -90,6 +90,34 @@ def _wgrad_configs():
                                      (128, 128, 64, 8, 3), (64, 128, 64, 4, 4)]]
 
 
+def smem_estimate(block_m: int, block_n: int, block_k: int, stages: int, n_weight_tiles: int, elem_bytes: int) -> int:
+    """Shared memory of a pipelined row-block GEMM: per stage one [BM, BK] activation tile and
+    ``n_weight_tiles`` [BK, BN] weight tiles (2 for the GLU forward: gate and up)."""
+    return stages * (block_m * block_k + n_weight_tiles * block_k * block_n) * elem_bytes
+
+
+def _smem_limit(device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+
+
+def _prune_by_smem(n_weight_tiles_arg: str = ""):
+    """early_config_prune for the row-block GEMMs: drop configs whose pipelined tiles cannot
+    fit the device's shared memory (keeps the smallest config if none fits)."""
+    def prune(configs, named_args, **kwargs):
+        ref = next((v for v in named_args.values() if isinstance(v, torch.Tensor)), None)
+        if ref is None or ref.device.type != "cuda":
+            return configs
+        limit = _smem_limit(ref.device)
+        bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
+        n_w = 2 if (n_weight_tiles_arg and kwargs.get(n_weight_tiles_arg, False)) else 1
+        fits = [c for c in configs
+                if smem_estimate(bm, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, n_w,
+                                 ref.element_size()) <= limit]
+        return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.num_stages)]
+    return {"early_config_prune": prune}
+
+
 def _combine_blocks(T: int, D: int) -> Tuple[int, int]:
     if INTERPRET:
         return 64, 128
@@ -122,7 +150,7 @@ def _cast(x, DT: tl.constexpr, BF16_FIX: tl.constexpr):
 #   ACT 2 relu: max(g, 0);  d/dg = 1 if g > 0 else 0 (torch's convention at 0)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["D", "F", "BLOCK_M"])
+@triton.autotune(configs=_gemm_configs(), key=["D", "F", "BLOCK_M"], prune_configs_by=_prune_by_smem("GLU"))
 @triton.jit(do_not_specialize=["n_slots", "n_blocks"])
 def _moe_gemm_in_kernel(
     x_ptr, w_ptr, pre_ptr, h_ptr, padded_slots_ptr, block_expert_ptr,
@@ -191,7 +219,8 @@ def _moe_gemm_in_kernel(
             tl.store(pre_ptr + rows[:, None] * stride_pre + F + offs_n[None, :], u.to(OUT_T), mask=n_ok[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["NOUT", "KD", "BLOCK_M", "HAS_SCALE"])
+@triton.autotune(configs=_gemm_configs(), key=["NOUT", "KD", "BLOCK_M", "HAS_SCALE"],
+                 prune_configs_by=_prune_by_smem())
 @triton.jit(do_not_specialize=["n_slots", "n_blocks"])
 def _moe_gemm_out_kernel(
     l_ptr, w_ptr, scale_ptr, out_ptr, padded_slots_ptr, block_expert_ptr,
@@ -269,7 +298,8 @@ def _combine_kernel(src_ptr, ids_ptr, out_ptr, T, D, E, stride_src, stride_out,
 
 # reset_to_zero: the number of F tiles (rows of dwp written) depends on the config, so the
 # autotuner zeroes dwp before each benchmark run and before the final run
-@triton.autotune(configs=_gemm_configs(), key=["D", "F", "BLOCK_M"], reset_to_zero=["dwp_ptr"])
+@triton.autotune(configs=_gemm_configs(), key=["D", "F", "BLOCK_M"], reset_to_zero=["dwp_ptr"],
+                 prune_configs_by=_prune_by_smem())
 @triton.jit(do_not_specialize=["n_slots", "n_blocks"])
 def _moe_gemm_dh_kernel(
     dy_ptr, w_ptr, pre_ptr, scale_ptr, dpre_ptr, dwp_ptr, padded_slots_ptr, block_expert_ptr,
