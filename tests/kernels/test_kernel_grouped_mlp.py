@@ -301,8 +301,9 @@ def test_import_with_triton_does_not_init_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="real sizes need the compiled kernels (TRITON_INTERPRET is set)")
-@pytest.mark.parametrize("T,D,F,E,K", [(4096, 2048, 1408, 60, 4), (512, 4096, 14336, 8, 2),
-                                       (256, 7168, 2048, 256, 8)])
+@pytest.mark.parametrize("T,D,F,E,K", [(4096, 2048, 1408, 60, 4),   # Qwen2-MoE
+                                       (512, 4096, 3584, 8, 2),     # Mixtral-like (F / 4 to keep it quick)
+                                       (256, 7168, 2048, 32, 8)])   # DeepSeek-V3-like (E / 8 to fit memory)
 def test_moe_mlp_gpu_real_sizes(T, D, F, E, K):
     inputs = make_inputs(T, D, F, E, K, "swiglu", "drop", dtype=torch.bfloat16, device="cuda")
     x, ids, w, w_in, w_out = inputs
