@@ -3,12 +3,13 @@
 
 Variants (each built from the weights of one seeded ``MoELayer``; outputs checked before timing):
 
-- ``moekit``         MoELayer with the best CPU backend (``resolve_backend("auto", cpu)``).
+- ``moekit``         MoELayer with the best CPU backend (``resolve_backend("auto", cpu)``; for
+                     ``grouped_mm`` the profiled warm-up must show its CPU Function).
 - ``hf_eager``       HF transformers' SparseMoeBlock (OLMoE or Mixtral) with
                      ``config._experts_implementation = "eager"`` (per-expert loop, index_add_).
 - ``hf_grouped_mm``  the same block with ``_experts_implementation = "grouped_mm"``. Which one ran
-                     is verified from the profiled warm-up: ``aten::_grouped_mm`` must (or must not)
-                     appear.
+                     is verified from the profiled warm-up: ``aten::_grouped_mm`` must appear for
+                     grouped_mm and not for eager, ``aten::index_add_`` the other way round.
 - ``tutel_cf0``      Tutel ``moe_layer`` (``llama_ffn`` SwiGLU experts), capacity_factor 0 (dropless,
                      padded to the busiest expert).
 - ``tutel_cf1.25``   the same with capacity_factor 1.25 (drops overflow; output not compared).
@@ -99,7 +100,7 @@ class Variant:
     name: str
     module: Optional[torch.nn.Module] = None
     skip: Optional[str] = None  # why it does not run
-    expect_grouped_mm: Optional[bool] = None  # profiled warm-up must (not) show aten::_grouped_mm
+    expect_ops: Optional[dict] = None  # op name -> must it appear in the profiled warm-up?
     compare: bool = True  # compare its output with moekit's
     note: str = ""
 
@@ -180,11 +181,12 @@ def build_variants(shape: Shape, layer: MoELayer, names: list[str], tutel_ok: bo
     for name in names:
         if name == "moekit":
             backend = resolve_backend(layer.config.backend, torch.device("cpu"))
-            out.append(Variant(name, layer, expect_grouped_mm=(backend == "grouped_mm"),
-                               note=f"backend={backend}"))
+            expect = {"_CPUGroupedExperts": True} if backend == "grouped_mm" else None
+            out.append(Variant(name, layer, expect_ops=expect, note=f"backend={backend}"))
         elif name in ("hf_eager", "hf_grouped_mm"):
             impl = name[3:]
-            out.append(Variant(name, build_hf(shape, layer, impl), expect_grouped_mm=(impl == "grouped_mm"),
+            ran = {"aten::_grouped_mm": impl == "grouped_mm", "aten::index_add_": impl == "eager"}
+            out.append(Variant(name, build_hf(shape, layer, impl), expect_ops=ran,
                                note=f"_experts_implementation={impl}"))
         elif name.startswith("tutel_cf"):
             cf = float(name[len("tutel_cf"):])
@@ -355,11 +357,11 @@ def run_shape(shape: Shape, variant_names: list[str], modes: list[str], args, tu
         for mode in modes:
             peak, ops, out = profiled_step(steps[v.name][mode])
             entry[f"{mode}_peak_mib"] = round(peak, 2)
-            if v.expect_grouped_mm is not None:
-                ran = "aten::_grouped_mm" in ops
-                entry[f"{mode}_ran_grouped_mm"] = ran
-                if ran != v.expect_grouped_mm:
-                    raise RuntimeError(f"{shape.name}/{v.name}/{mode}: aten::_grouped_mm "
+            for op, expected in (v.expect_ops or {}).items():  # which implementation really ran
+                ran = op in ops
+                entry.setdefault(f"{mode}_ops_seen", {})[op] = ran
+                if ran != expected:
+                    raise RuntimeError(f"{shape.name}/{v.name}/{mode}: {op} "
                                        f"{'ran' if ran else 'did not run'}, expected the opposite")
             if v.name == "moekit":
                 ref_y, ref_gx = (out, None) if mode == "fwd" else (ref_y, out)

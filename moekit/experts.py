@@ -13,6 +13,7 @@ backends share the dispatch (sort assignments by expert, gather rows) and the co
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -148,28 +149,34 @@ class _GroupedMM(torch.autograd.Function):
 # the one dense GEMM with the same FLOPs; the same GEMMs split over two single-threaded workers
 # took 1.0x). So on CPU the expert-sorted rows are cut into one contiguous, equal-sized range per
 # intra-op thread, and each worker runs its range expert by expert with single-threaded BLAS:
-# gather rows -> up GEMM -> activation -> down GEMM -> routing weight -> scatter to (token, slot).
-# Everything between the two GEMMs stays in cache, and neither the gathered input nor the
-# activation output is materialised for all N rows; backward saves only h = x @ w_in^T.
+# gather rows -> up GEMM -> activation -> down GEMM -> scatter to (token, slot); the weighted
+# sum over K follows on the calling thread. Everything between the two GEMMs stays in cache,
+# and neither the gathered input nor the activation output is materialised for all N rows.
 
 _WORKER_POOLS: dict[int, ThreadPoolExecutor] = {}
 _WORKER_POOLS_LOCK = threading.Lock()
 
 
 def _worker_pool(num_workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``num_workers`` threads whose torch ops run single-threaded."""
+    """A process-wide pool of ``num_workers`` threads whose torch ops run single-threaded
+    (one pool per intra-op thread count; an execution resource, not model state)."""
     with _WORKER_POOLS_LOCK:
         pool = _WORKER_POOLS.get(num_workers)
         if pool is None:
+            callers_threads = torch.get_num_threads()
             pool = ThreadPoolExecutor(num_workers, thread_name_prefix="moekit-experts",
                                       initializer=torch.set_num_threads, initargs=(1,))
             started = threading.Barrier(num_workers)
             list(pool.map(lambda _: started.wait(), range(num_workers)))  # start (and init) them all now
             # set_num_threads(1) also changed the default that threads created later start with:
-            # restore the caller's value (the workers keep 1: it is thread-local in OpenMP and MKL)
-            torch.set_num_threads(num_workers)
+            # restore the caller's (the workers keep 1: it is thread-local in OpenMP and MKL)
+            torch.set_num_threads(callers_threads)
             _WORKER_POOLS[num_workers] = pool
     return pool
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has the dict but not the threads
+    os.register_at_fork(after_in_child=_WORKER_POOLS.clear)
 
 
 def _run_on_workers(fn: Callable, parts: list) -> list:
@@ -181,7 +188,7 @@ def _run_on_workers(fn: Callable, parts: list) -> list:
 
     if len(parts) == 1:
         return [call(parts[0])]
-    return list(_worker_pool(len(parts)).map(call, parts))
+    return list(_worker_pool(torch.get_num_threads()).map(call, parts))
 
 
 def _split_rows(counts_E: list[int], num_parts: int) -> list[list[tuple[int, int, int]]]:
@@ -201,22 +208,43 @@ def _split_rows(counts_E: list[int], num_parts: int) -> list[list[tuple[int, int
     return [p for p in parts if p] or [[]]
 
 
-def _activation_backward(grad_NF: torch.Tensor, h_NH: torch.Tensor, activation: str) -> torch.Tensor:
-    """d activate(h) / dh applied to ``grad_NF`` (the aten backward kernels of each activation)."""
+def _gate_activation(gate_NF: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.silu(gate_NF) if activation in ("swiglu", "silu") else F.gelu(gate_NF) if activation in (
+        "geglu", "gelu") else F.relu(gate_NF)
+
+
+def _activation_grad_into(out: torch.Tensor, grad: torch.Tensor, z: torch.Tensor, activation: str) -> None:
+    """``out = grad * act'(z)`` with the aten backward kernel of the (gate) activation."""
     aten = torch.ops.aten
+    if activation in ("swiglu", "silu"):
+        aten.silu_backward.grad_input(grad, z, grad_input=out)
+    elif activation in ("geglu", "gelu"):
+        aten.gelu_backward.grad_input(grad, z, grad_input=out)
+    else:  # relu
+        aten.threshold_backward.grad_input(grad, z, 0, grad_input=out)
 
-    def d_act(g, z):
-        if activation in ("swiglu", "silu"):
-            return aten.silu_backward(g, z)
-        if activation in ("geglu", "gelu"):
-            return aten.gelu_backward(g, z)
-        return aten.threshold_backward(g, z, 0)  # relu
 
+def _activate_and_grad(h_nH: torch.Tensor, grad_nF: torch.Tensor, activation: str):
+    """(activate(h), d activate(h)/dh applied to ``grad_nF``) for one segment, without autograd;
+    the same elementwise products autograd forms for :func:`activate`. Consumes ``grad_nF``."""
+    g_nH = torch.empty_like(h_nH)
     if activation in GLU_ACTIVATIONS:
-        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
-        act_NF = F.silu(gate_NF) if activation == "swiglu" else F.gelu(gate_NF)
-        return torch.cat([d_act(grad_NF * up_NF, gate_NF), grad_NF * act_NF], dim=-1)
-    return d_act(grad_NF, h_NH)
+        gate_nF, up_nF = h_nH.chunk(2, dim=-1)
+        Fh = gate_nF.shape[-1]
+        act_nF = _gate_activation(gate_nF, activation)
+        torch.mul(grad_nF, act_nF, out=g_nH[:, Fh:])  # d up
+        _activation_grad_into(g_nH[:, :Fh], grad_nF.mul_(up_nF), gate_nF, activation)  # d gate
+        return act_nF.mul_(up_nF), g_nH
+    _activation_grad_into(g_nH, grad_nF, h_nH, activation)
+    return _gate_activation(h_nH, activation), g_nH
+
+
+def _activate_no_grad(h_nH: torch.Tensor, activation: str) -> torch.Tensor:
+    """:func:`activate` with one temporary fewer (the product is formed in place)."""
+    if activation in GLU_ACTIVATIONS:
+        gate_nF, up_nF = h_nH.chunk(2, dim=-1)
+        return _gate_activation(gate_nF, activation).mul_(up_nF)
+    return _gate_activation(h_nH, activation)
 
 
 class _CPUGroupedExperts(torch.autograd.Function):
@@ -246,7 +274,8 @@ class _CPUGroupedExperts(torch.autograd.Function):
             for e, a, b in pieces:
                 x_nD = x_TD.index_select(0, token_N[a:b])
                 h_nH = torch.mm(x_nD, w_in_EHD[e].t(), out=h_NH[a:b]) if save else torch.mm(x_nD, w_in_EHD[e].t())
-                slots_TKD.index_copy_(0, pos_N[a:b], torch.mm(activate(h_nH, activation), w_out_EDF[e].t()))
+                y_nD = torch.mm(_activate_no_grad(h_nH, activation), w_out_EDF[e].t())
+                slots_TKD.index_copy_(0, pos_N[a:b], y_nD)
 
         _run_on_workers(run, _split_rows(counts, torch.get_num_threads()))
         w_T1K = topk_weights_TK.to(x_TD.dtype).unsqueeze(1)
@@ -279,9 +308,10 @@ class _CPUGroupedExperts(torch.autograd.Function):
         for n in counts:
             starts.append(starts[-1] + n)
         parts = _split_rows(counts, torch.get_num_threads())
-        # An expert whose rows two workers share gets its weight grads from one GEMM over all its
-        # rows afterwards (two partial sums would round differently from the loop backend):
-        # the workers leave its output-grad rows and activation-grad rows in side buffers.
+        # An expert whose rows two workers share gets its weight grads afterwards from GEMMs over
+        # all its rows, split by output rows over the workers (two partial sums over the rows
+        # would round differently from the loop backend); the first pass leaves that expert's
+        # output-grad and activation-grad rows in side buffers.
         pieces_per_expert = Counter(e for pieces in parts for e, _, _ in pieces)
         side = {e: (x_TD.new_empty(counts[e], D), x_TD.new_empty(counts[e], h_NH.shape[1]))
                 for e, c in pieces_per_expert.items() if c > 1 and (need_in or need_out)}
@@ -290,26 +320,32 @@ class _CPUGroupedExperts(torch.autograd.Function):
             for e, a, b in pieces:
                 tok = token_N[a:b]
                 g_nD = grad_TD.index_select(0, tok).mul_(w_N[a:b, None])  # grad of the unweighted rows
-                h_nH = h_NH[a:b]
-                g_nH = _activation_backward(torch.mm(g_nD, w_out_EDF[e]), h_nH, activation)
+                act_nF, g_nH = _activate_and_grad(h_NH[a:b], torch.mm(g_nD, w_out_EDF[e]), activation)
                 if e in side:
                     side[e][0][a - starts[e]:b - starts[e]] = g_nD
                     side[e][1][a - starts[e]:b - starts[e]] = g_nH
                 else:
                     if need_out:
-                        torch.mm(g_nD.t(), activate(h_nH, activation), out=grad_out[e])
+                        torch.mm(g_nD.t(), act_nF, out=grad_out[e])
                     if need_in:
                         torch.mm(g_nH.t(), x_TD.index_select(0, tok), out=grad_in[e])
                 if need_x:
                     gslots_TKD.index_copy_(0, pos_N[a:b], torch.mm(g_nH, w_in_EHD[e]))
 
+        def run_shared(j):  # worker j of P: its share of the output rows of each shared expert's grads
+            P = len(parts)
+            for e, (g_nD, g_nH) in side.items():
+                rows = slice(starts[e], starts[e + 1])
+                if need_out:
+                    lo, hi = D * j // P, D * (j + 1) // P
+                    torch.mm(g_nD.t()[lo:hi], _activate_no_grad(h_NH[rows], activation), out=grad_out[e][lo:hi])
+                if need_in:
+                    lo, hi = h_NH.shape[1] * j // P, h_NH.shape[1] * (j + 1) // P
+                    torch.mm(g_nH.t()[lo:hi], x_TD.index_select(0, token_N[rows]), out=grad_in[e][lo:hi])
+
         _run_on_workers(run, parts)
-        for e, (g_nD, g_nH) in side.items():
-            rows = slice(starts[e], starts[e + 1])
-            if need_out:
-                torch.mm(g_nD.t(), activate(h_NH[rows], activation), out=grad_out[e])
-            if need_in:
-                torch.mm(g_nH.t(), x_TD.index_select(0, token_N[rows]), out=grad_in[e])
+        if side:
+            _run_on_workers(run_shared, list(range(len(parts))))
         for buf in (grad_in, grad_out):
             if buf is not None:
                 for e, n in enumerate(counts):
