@@ -14,9 +14,10 @@ Variants (each built from the weights of one seeded ``MoELayer``; outputs checke
                      padded to the busiest expert).
 - ``tutel_cf1.25``   the same with capacity_factor 1.25 (drops overflow; output not compared).
 - dense floor        the same FLOPs as one dense chain ``[T*K, D] @ [D, 2F] -> SiLU-GLU -> @ [F, D]``.
-                     Two formulations are timed (``F.linear`` on ``[2F, D]``/``[D, F]`` weights and
-                     ``matmul`` on pre-transposed ``[D, 2F]``/``[F, D]`` weights); the faster one per
-                     mode is the floor.
+                     Three formulations are timed: ``dense_linear`` (``F.linear`` on ``[2F, D]`` and
+                     ``[D, F]`` weights, gate/up split by ``chunk``), ``dense_matmul`` (``@`` on
+                     pre-transposed ``[D, 2F]``/``[F, D]`` weights) and ``dense_split`` (``F.linear``
+                     on separate ``[F, D]`` gate and up weights); the fastest per mode is the floor.
 
 Modes: ``fwd`` is a forward under ``torch.no_grad()``; ``fwdbwd`` is a forward with grad enabled
 plus ``backward`` of a fixed random output gradient (grads for the input and every weight,
@@ -230,6 +231,7 @@ def dense_steps(shape: Shape, seed: int = 1) -> dict[str, dict[str, Callable]]:
     w_in = torch.randn(2 * Fh, D, generator=g) * D ** -0.5  # [2F, D], F.linear layout
     w_out = torch.randn(D, Fh, generator=g) * Fh ** -0.5  # [D, F]
     w_in_t, w_out_t = w_in.t().contiguous(), w_out.t().contiguous()  # [D, 2F], [F, D]
+    w_gate, w_up = w_in[:Fh].contiguous(), w_in[Fh:].contiguous()  # [F, D] each
     grad_out = torch.randn(N, D, generator=g)
 
     def chain_linear(x, a, b):
@@ -240,14 +242,18 @@ def dense_steps(shape: Shape, seed: int = 1) -> dict[str, dict[str, Callable]]:
         gate, up = (x @ a).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ b
 
-    forms = {}
-    for name, chain, a, b in (("dense_linear", chain_linear, w_in, w_out),
-                              ("dense_matmul", chain_matmul, w_in_t, w_out_t)):
-        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+    def chain_split(x, a, b, c):  # separate gate / up weights: no chunk, so no cat in backward
+        return F.linear(F.silu(F.linear(x, a)) * F.linear(x, b), c)
 
-        def fwd(chain=chain, a=a, b=b):
+    forms = {}
+    for name, chain, weights in (("dense_linear", chain_linear, (w_in, w_out)),
+                                 ("dense_matmul", chain_matmul, (w_in_t, w_out_t)),
+                                 ("dense_split", chain_split, (w_gate, w_up, w_out))):
+        leaves = [t.clone().requires_grad_(True) for t in (x, *weights)]
+
+        def fwd(chain=chain, weights=weights):
             with torch.no_grad():
-                return chain(x, a, b)
+                return chain(x, *weights)
 
         def fwdbwd(chain=chain, leaves=leaves):
             chain(*leaves).backward(grad_out)
@@ -258,12 +264,14 @@ def dense_steps(shape: Shape, seed: int = 1) -> dict[str, dict[str, Callable]]:
     return forms
 
 
-def profiled_step(step: Callable) -> tuple[float, set[str], object]:
-    """Run ``step`` once under the memory profiler: (peak MiB, op names seen, result)."""
+def profiled_step(step: Callable) -> tuple[float, set[str], object, float]:
+    """Run ``step`` once under the memory profiler: (peak MiB, op names seen, result, seconds)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        t0 = time.perf_counter()
         result = step()
+        seconds = time.perf_counter() - t0
     # every allocation / free the CPU allocator reported (prof.events() keeps only those
     # outside an op), in time order; frees of blocks allocated before the step are not reported
     live = peak = 0
@@ -272,7 +280,7 @@ def profiled_step(step: Callable) -> tuple[float, set[str], object]:
         live += e.nbytes()
         peak = max(peak, live)
     ops = {e.name for e in prof.events()}
-    return peak / 2 ** 20, ops, result
+    return peak / 2 ** 20, ops, result, seconds
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -347,6 +355,7 @@ def run_shape(shape: Shape, variant_names: list[str], modes: list[str], args, tu
     # correctness before timing: forward output and input gradient vs moekit
     ref_y = ref_gx = None
     steps: dict[str, dict[str, Callable]] = {}
+    first_s: dict[tuple[str, str], float] = {}  # seconds of the profiled first warm-up step
     for v in variants:
         entry = res["variants"].setdefault(v.name, {"note": v.note})
         if v.skip:
@@ -355,7 +364,7 @@ def run_shape(shape: Shape, variant_names: list[str], modes: list[str], args, tu
             continue
         steps[v.name] = make_steps(v.module, x, grad_out)
         for mode in modes:
-            peak, ops, out = profiled_step(steps[v.name][mode])
+            peak, ops, out, first_s[v.name, mode] = profiled_step(steps[v.name][mode])
             entry[f"{mode}_peak_mib"] = round(peak, 2)
             for op, expected in (v.expect_ops or {}).items():  # which implementation really ran
                 ran = op in ops
@@ -380,15 +389,16 @@ def run_shape(shape: Shape, variant_names: list[str], modes: list[str], args, tu
 
     for name, form in dense_steps(shape).items():
         for mode in modes:
-            peak, _, _ = profiled_step(form[mode])
+            peak, _, _, first_s[name, mode] = profiled_step(form[mode])
             res["floor"].setdefault(name, {})[f"{mode}_peak_mib"] = round(peak, 2)
         steps[name] = form
 
     for mode in modes:
         mode_steps = {n: s[mode] for n, s in steps.items()}
         for _ in range(args.warmup - 1):  # the profiled step was the first warm-up
-            for s in mode_steps.values():
-                s()
+            for n, s in mode_steps.items():
+                if first_s[n, mode] < args.slow_step:
+                    s()
         load0 = os.getloadavg()[0]
         times = time_interleaved(mode_steps, args.reps, args.min_reps, args.variant_budget)
         load1 = os.getloadavg()[0]
@@ -398,7 +408,7 @@ def run_shape(shape: Shape, variant_names: list[str], modes: list[str], args, tu
             tgt[f"{mode}_ms"] = round(statistics.median(ts) * 1e3, 2)
             tgt[f"{mode}_reps"] = len(ts)
             tgt[f"{mode}_ms_all"] = [round(t * 1e3, 2) for t in ts]
-        best = min(("dense_linear", "dense_matmul"), key=lambda n: res["floor"][n][f"{mode}_ms"])
+        best = min((n for n in res["floor"] if n.startswith("dense_")), key=lambda n: res["floor"][n][f"{mode}_ms"])
         floor_ms = res["floor"][best][f"{mode}_ms"]
         res["floor"][mode] = {"ms": floor_ms, "form": best, "peak_mib": res["floor"][best][f"{mode}_peak_mib"]}
         for n, e in res["variants"].items():
@@ -459,6 +469,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (the first is profiled)")
     p.add_argument("--variant-budget", type=float, default=20.0,
                    help="seconds of timed steps after which a variant stops at --min-reps")
+    p.add_argument("--slow-step", type=float, default=5.0,
+                   help="a step that took longer in its profiled warm-up gets no further warm-up")
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.min_reps, args.warmup = 2, 1, 1
