@@ -110,9 +110,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plan_step(trace_path: Path, gpus: int, out_dir: Path) -> dict:
-    """Plan a placement on the recorded trace with the same library call as `moekit plan`."""
-    from moekit.cli.plan import plan_and_report
+    """Plan a placement on the recorded trace with the library calls behind `moekit plan`:
+    contiguous, round-robin, greedy and ILP side by side; the ILP plan is written."""
+    from moekit import planner
 
+    trace = planner.read_trace(trace_path)
+    print(f"\nplanning expert placement for {gpus} GPUs from the recorded trace "
+          f"(same as: moekit plan --trace {trace_path} --gpus {gpus}):")
+    try:
+        results = planner.compare_placements(trace, num_gpus=gpus, time_limit=20.0)
+    except ValueError as exc:  # e.g. experts that do not divide over the GPUs
+        print(f"planning skipped: {exc}")
+        return {"skipped": str(exc)}
+    print(planner.format_table(results))
+    best = results[-1]
     out = out_dir / "placement.json"
-    print(f"\nplanning expert placement for {gpus} GPUs from the recorded trace:")
-    return plan_and_report([trace_path], num_gpus=gpus, out=out)
+    planner.write_placement_json(out, best)
+    print(f"placement ({best.method}) -> {out}")
+    return {"method": best.method, "max_mean_load": round(best.max_mean_load, 4),
+            "cross_gpu_frac": round(float(best.metrics.get("cross_gpu_frac", float("nan"))), 4),
+            "placement": str(out)}
