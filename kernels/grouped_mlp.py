@@ -539,10 +539,13 @@ def _bwd_impl(dy, x, ids, w, w_in, w_out, h, pre, padded_slots, block_expert, pa
     glu, act = ACTIVATIONS[activation]
     dev, dt = x.device, x.dtype
     need_x, need_w, need_win, need_wout = needs
-    dx = torch.zeros_like(x) if need_x else x.new_empty(0)
+    # every element of dx / dw_in / dw_out is written by a kernel (experts without rows get
+    # zeros from the weight-gradient kernel), so no memset of the (large) weight grads
+    alloc = torch.zeros if T == 0 else torch.empty
+    dx = alloc(x.shape, dtype=dt, device=dev) if need_x else x.new_empty(0)
     dw = torch.zeros(T, K, dtype=w.dtype, device=dev) if need_w else w.new_empty(0)
-    dw_in = torch.zeros_like(w_in) if need_win else w_in.new_empty(0)
-    dw_out = torch.zeros_like(w_out) if need_wout else w_out.new_empty(0)
+    dw_in = alloc(w_in.shape, dtype=dt, device=dev) if need_win else w_in.new_empty(0)
+    dw_out = alloc(w_out.shape, dtype=dt, device=dev) if need_wout else w_out.new_empty(0)
     if T == 0:
         return dx, dw, dw_in, dw_out
     B = block_expert.numel()
