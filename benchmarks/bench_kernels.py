@@ -164,14 +164,14 @@ def dense_chain(torch, x_ND, w1_DH, w2_FD):
 
 
 def run_case(torch, moe_mlp, moe_mlp_ref, name, D, F, E, K, T, modes, variants, device, dtype, args):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = (torch.randn(T, D, generator=g)).to(device, dtype)
-    logits = torch.randn(T, E, generator=g)
+    # generated on the device (DeepSeek-V3's expert weights would take minutes and 45 GB on the host)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, D, generator=g, device=device).to(dtype)
+    logits = torch.randn(T, E, generator=g, device=device)
     w, ids = torch.softmax(logits, -1).topk(K, dim=-1)
-    w = (w / w.sum(-1, keepdim=True)).to(device)
-    ids = ids.to(device)
-    w_in = (torch.randn(E, 2 * F, D, generator=g) / D ** 0.5).to(device, dtype)
-    w_out = (torch.randn(E, D, F, generator=g) / F ** 0.5).to(device, dtype)
+    w = w / w.sum(-1, keepdim=True)
+    w_in = (torch.randn(E, 2 * F, D, generator=g, device=device, dtype=dtype) / D ** 0.5)
+    w_out = (torch.randn(E, D, F, generator=g, device=device, dtype=dtype) / F ** 0.5)
     N = T * K
     flops_fwd = 2 * N * D * 2 * F + 2 * N * F * D
     case = {"shape": name, "D": D, "F": F, "E": E, "K": K, "T": T, "flops_fwd": flops_fwd, "variants": {}}
@@ -191,7 +191,7 @@ def run_case(torch, moe_mlp, moe_mlp_ref, name, D, F, E, K, T, modes, variants, 
                     case["variants"].setdefault(v, {})["rel_err_vs_loop"] = err
                 except Exception as e:  # grouped_mm may be missing / unsupported on this GPU
                     case["variants"].setdefault(v, {})["error"] = f"{type(e).__name__}: {e}"[:300]
-    dy = torch.randn(T, D, generator=g).to(device, dtype)
+    dy = torch.randn(T, D, generator=g, device=device, dtype=dtype)
     for mode in modes:
         flops = flops_fwd * (3 if mode == "fwdbwd" else 1)
         for v in variants:
@@ -240,10 +240,10 @@ def make_step(torch, impl, x, w, w_in, w_out, dy, mode):
 
 
 def make_dense(torch, N, D, F, device, dtype, mode, g):
-    x = torch.randn(N, D, generator=g).to(device, dtype)
-    w1 = (torch.randn(D, 2 * F, generator=g) / D ** 0.5).to(device, dtype)
-    w2 = (torch.randn(F, D, generator=g) / F ** 0.5).to(device, dtype)
-    dy = torch.randn(N, D, generator=g).to(device, dtype)
+    x = torch.randn(N, D, generator=g, device=device, dtype=dtype)
+    w1 = torch.randn(D, 2 * F, generator=g, device=device, dtype=dtype) / D ** 0.5
+    w2 = torch.randn(F, D, generator=g, device=device, dtype=dtype) / F ** 0.5
+    dy = torch.randn(N, D, generator=g, device=device, dtype=dtype)
     if mode == "fwd":
         def step():
             with torch.no_grad():
