@@ -236,6 +236,42 @@ def improve_counts(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, A: np.nd
     return cnt, A
 
 
+def iterated_count_search(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, A: np.ndarray,
+                          time_budget: float = 0.5, seed: int = 0):
+    """Iterated local search over replica counts: ``improve_counts``, then repeated kicks (two
+    random redundant replicas re-assigned to other experts in place) followed by swaps and
+    ``improve_counts``; keeps the best. Deterministic for a given seed and time."""
+    rng = np.random.default_rng(seed)
+    load_E = np.asarray(load_E, dtype=np.float64)
+    E = load_E.size
+    t_end = time.perf_counter() + time_budget
+    cnt, A = improve_counts(load_E, G, S, cnt, A, time_budget=0.3 * time_budget)
+    best = float((load_E / cnt)[A].sum(axis=1).max())
+    bc, bA = cnt, A
+    while time.perf_counter() < t_end:
+        c2, A2 = bc.copy(), bA.copy()
+        for _ in range(2):
+            donors = np.nonzero(c2 > 1)[0]
+            if donors.size == 0:
+                return bc, bA
+            d = rng.choice(donors)
+            h = rng.choice(np.nonzero((A2 == d).any(axis=1))[0])
+            cand = np.nonzero((c2 < G) & ~np.isin(np.arange(E), A2[h]))[0]
+            if cand.size == 0:
+                continue
+            e = rng.choice(cand)
+            A2[h, np.nonzero(A2[h] == d)[0][0]] = e
+            c2[e] += 1
+            c2[d] -= 1
+        A2 = local_search(load_E / c2, A2, time_budget=0.05)
+        c2, A2 = improve_counts(load_E, G, S, c2, A2,
+                                time_budget=max(0.0, min(0.2, t_end - time.perf_counter())))
+        m = float((load_E / c2)[A2].sum(axis=1).max())
+        if m < best - 1e-12:
+            best, bc, bA = m, c2, A2
+    return bc, bA
+
+
 # --- stage 1 ---------------------------------------------------------------------------------
 @dataclass
 class LayerBalance:
@@ -271,7 +307,7 @@ def balance_layer(load_E: np.ndarray, G: int, S: int, solver: str = "highs", tim
     A = local_search(w, A0, time_budget=max(0.05, 0.25 * time_limit))
     best = float(w[A].sum(axis=1).max())
     if G * S > E and best > glob * (1 + rel_gap):
-        cnt, A = improve_counts(load_E, G, S, cnt, A, time_budget=0.7 * time_limit)
+        cnt, A = iterated_count_search(load_E, G, S, cnt, A, time_budget=0.7 * time_limit)
         w = load_E / cnt
         best = float(w[A].sum(axis=1).max())
         _, bound = layer_bounds(load_E, G, S, cnt)
