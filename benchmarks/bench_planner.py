@@ -91,8 +91,8 @@ def target1(tdir: Path, time_limit: float, slack: float, jobs: int) -> list[dict
                           and row["ilp_load_oos"] <= row["greedy_load_oos"] + 0.01 and wall < 30)
         out.append(row)
         print(f"[1] mixtral G={G}: cross {row['greedy_cross']:.4f} -> {row['ilp_cross']:.4f} "
-              f"(-{100 * row['cut']:.1f}%), oos {row['greedy_cross_oos']:.4f} -> {row['ilp_cross_oos']:.4f} "
-              f"(-{100 * row['cut_oos']:.1f}%); load {row['greedy_load']:.4f} -> {row['ilp_load']:.4f}, "
+              f"(-{100 * row['cut']:.2f}%), oos {row['greedy_cross_oos']:.4f} -> {row['ilp_cross_oos']:.4f} "
+              f"(-{100 * row['cut_oos']:.2f}%); load {row['greedy_load']:.4f} -> {row['ilp_load']:.4f}, "
               f"oos {row['greedy_load_oos']:.4f} -> {row['ilp_load_oos']:.4f}; {wall:.1f} s"
               + (f"; S=1 optimum cross {row['cross_lower_bound']:.4f} (max cut {100 * row['max_possible_cut']:.1f}%)"
                  if G == 8 else "") + f"  {'MET' if row['met'] else 'MISSED'}", flush=True)
