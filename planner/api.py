@@ -207,7 +207,7 @@ def format_table(results: list[PlanResult]) -> str:
             for _, key, fmt in _COLS:
                 row.append(fmt.format(m[key]) if key in m else "-")
             mem = m.get("memory_per_gpu_bytes")
-            row.append(f"{mem / 2**30:.2f}GiB" if mem else f"{m['memory_per_gpu_slots']} slots")
+            row.append(_human_bytes(mem) if mem else f"{m['memory_per_gpu_slots']} slots")
             if tag:
                 row += ["", "", ""]
             else:
@@ -216,6 +216,14 @@ def format_table(results: list[PlanResult]) -> str:
     widths = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.2f}{unit}"
+        n /= 1024
+    return f"{n:.2f}TiB"
 
 
 def write_placement_json(path, result: PlanResult, eplb: bool = False, extra: dict | None = None) -> None:
