@@ -173,3 +173,17 @@ def test_planner_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'planner imported torch'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_ilp_on_qwen_subset(shared_traces):
+    tr = P.read_trace(shared_traces / "qwen.route.csv").layers(range(6))
+    g = P.plan_placement(tr, 16, 10, solver="greedy")
+    i = P.plan_placement(tr, 16, 10, solver="highs", time_limit=4, n_jobs=2)
+    _valid(i.placement, P.expert_loads(tr))
+    assert i.max_mean_load <= g.max_mean_load + 1e-12
+    assert 1.0 <= i.lower_bound <= i.max_mean_load and i.gap >= 0
+    assert i.metrics["cross_gpu_frac"] <= g.metrics["cross_gpu_frac"] + 1e-12
+    # the JSON the runtime reads
+    d = i.to_json_dict(eplb=True)
+    assert len(d["physical_to_logical_map"]) == 6 and len(d["physical_to_logical_map"][0]) == 160
+    assert sum(d["logcnt"][0]) == 160
