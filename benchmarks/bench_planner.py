@@ -61,6 +61,35 @@ def s1_traffic_bound(trans: np.ndarray) -> float:
     return 1 - same / trans.sum()
 
 
+def dp_dual_bound(stats, G: int, S: int, greedy_layer_max: np.ndarray, slack: float) -> float:
+    """Lower bound on the cross-GPU pair share of ANY placement without replication whose
+    max/mean load is <= greedy's + slack: Lagrangian dual of the exact per-layer-state DP
+    (planner.ilp.dp_traffic enumerates every GPU-labelled placement of a layer). Valid because
+    greedy is per-layer optimal here (the ILP proves it), so no layer can exceed greedy_l +
+    slack x total mean, and max over mu of min(traffic + mu (load - budget)) <= the optimum."""
+    from moekit.planner.ilp import dp_traffic
+    L, E = stats.loads.shape
+    msum = stats.loads.sum() / G
+    budget = greedy_layer_max.sum() + slack * msum
+    caps = [greedy_layer_max[l] + slack * msum for l in range(L)]
+    W = 1 - np.eye(G)
+    cache: dict = {}
+    f = lambda mu: dp_traffic(stats.loads, caps, stats.trans, W, G, S, mu=mu, _cache=cache)[1] - mu * budget / msum
+    grid = [0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+    vals = [f(m) for m in grid]
+    k = int(np.argmax(vals))
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    for _ in range(8):                       # golden-section refinement (the dual is concave)
+        a, b = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
+        fa, fb = f(a), f(b)
+        vals += [fa, fb]
+        if fa > fb:
+            hi = b
+        else:
+            lo = a
+    return float(max(vals))
+
+
 def target1(tdir: Path, time_limit: float, slack: float, jobs: int) -> list[dict]:
     mix = tdir / "mixtral"
     train = P.read_trace(mix / "experts_coding_mixtral.json")
@@ -82,10 +111,15 @@ def target1(tdir: Path, time_limit: float, slack: float, jobs: int) -> list[dict
                "solve_s": wall, "exact_traffic_dp": i.info.get("exact_traffic_dp")}
         row["cut"] = 1 - row["ilp_cross"] / row["greedy_cross"]
         row["cut_oos"] = 1 - row["ilp_cross_oos"] / row["greedy_cross_oos"]
-        if G == 8:
-            b = s1_traffic_bound(P.trace_stats(train).trans)
-            row["cross_lower_bound"] = b
-            row["max_possible_cut"] = 1 - b / row["greedy_cross"]
+        st = P.trace_stats(train)
+        if G == 8:      # one expert per GPU: exact optimum (load is the same for every placement)
+            b = s1_traffic_bound(st.trans)
+        else:           # Lagrangian dual bound under max/mean <= greedy + slack
+            gl = g.placement.gpu_loads(st.loads).max(axis=1)
+            b = dp_dual_bound(st, G, 8 // G, gl, slack) if i.info.get("greedy_max_mean_load", 0) <= \
+                i.info.get("solver_bound_max_mean_load", 0) + 1e-9 else float("nan")
+        row["cross_lower_bound"] = b
+        row["max_possible_cut"] = 1 - b / row["greedy_cross"]
         row["met"] = bool(row["cut"] >= 0.10 and row["cut_oos"] >= 0.10
                           and row["ilp_load"] <= row["greedy_load"] + 0.01
                           and row["ilp_load_oos"] <= row["greedy_load_oos"] + 0.01 and wall < 30)
@@ -94,8 +128,9 @@ def target1(tdir: Path, time_limit: float, slack: float, jobs: int) -> list[dict
               f"(-{100 * row['cut']:.2f}%), oos {row['greedy_cross_oos']:.4f} -> {row['ilp_cross_oos']:.4f} "
               f"(-{100 * row['cut_oos']:.2f}%); load {row['greedy_load']:.4f} -> {row['ilp_load']:.4f}, "
               f"oos {row['greedy_load_oos']:.4f} -> {row['ilp_load_oos']:.4f}; {wall:.1f} s"
-              + (f"; S=1 optimum cross {row['cross_lower_bound']:.4f} (max cut {100 * row['max_possible_cut']:.1f}%)"
-                 if G == 8 else "") + f"  {'MET' if row['met'] else 'MISSED'}", flush=True)
+              + f"; in-sample cross >= {row['cross_lower_bound']:.4f} for any placement meeting the load "
+                f"condition (max cut {100 * row['max_possible_cut']:.2f}%)  {'MET' if row['met'] else 'MISSED'}",
+              flush=True)
     return out
 
 
