@@ -4,8 +4,9 @@ Legend: L layers, E experts, G GPUs, S slots per GPU, c[e] replicas of expert e,
 (tokens per replica; replicas split their expert's tokens equally).
 
 Stage 1, balanced clustering (per layer, layers in parallel processes). Replica counts by
-water-filling (min max_e P/c, EPLB's rule). Then assign replicas to GPUs, S per GPU, at most one
-replica of an expert per GPU, minimising the heaviest GPU's load::
+water-filling (min max_e P/c, EPLB's rule), then improved by an iterated local search over the
+counts (moving redundant slots between experts) when replicating. Replicas are assigned to GPUs,
+S per GPU, at most one replica of an expert per GPU, minimising the heaviest GPU's load::
 
     min z  s.t.  sum_g x[e,g] = c[e];  sum_e x[e,g] = S;  sum_e w[e] x[e,g] <= z;  x binary
 
@@ -26,6 +27,11 @@ subject to the slot counts and each GPU's load <= stage-1 max + ``balance_slack`
     min sum_{e,g} C[e,g] x[e,g] (+ lam t)  s.t. counts as above;  sum_e w[e] x[e,g] <= cap
 
 The current assignment is feasible and is the warm start, so a sweep never makes it worse.
+For small models without replication (E!/(S!)^G <= 6000 placements per layer, e.g. Mixtral on 4
+GPUs) the traffic stage is solved exactly by dynamic programming over the layers (with a
+Lagrangian sweep when ``balance_slack`` > 0: the sum of the layers' heaviest loads stays within
+stage 1's + slack x mean), and with one expert per GPU on uniform links by per-boundary
+max-weight matchings (the boundaries decouple). The exact plan replaces the MILP's when better.
 """
 from __future__ import annotations
 
@@ -607,7 +613,7 @@ def ilp_placement(loads_LE: np.ndarray, topo: Topology, trans: np.ndarray | None
 def _ordered_states(E: int, G: int, S: int, limit: int):
     """All assignments of E experts (no replication) to G GPUs x S slots, as [N, G, S] (None if > limit)."""
     from itertools import combinations
-    from math import comb, factorial
+    from math import factorial
     n = factorial(E)
     for _ in range(G):
         n //= factorial(S)
@@ -619,7 +625,6 @@ def _ordered_states(E: int, G: int, S: int, limit: int):
         if not remaining:
             out.append(acc)
             return
-        first = len(acc)
         for c in combinations(remaining, S):
             rest = [e for e in remaining if e not in c]
             rec(rest, acc + [c])
