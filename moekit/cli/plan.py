@@ -48,8 +48,9 @@ def add_parser(subparsers, name: str = "plan", help_text: str = "plan expert pla
                    help="parallel processes for the per-layer subproblems (default: CPU count)")
     p.add_argument("--score-on", action="append", default=None, metavar="FILE",
                    help="another trace to score the plans on (out-of-sample); repeatable")
-    p.add_argument("--batch-size", type=int, default=256, metavar="B",
-                   help="tokens per batch for the per-batch load percentiles (default: 256)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="tokens per batch for the per-batch load percentiles (default: 256, or T/8 "
+                        "for traces of fewer than 2048 tokens)")
     p.add_argument("--topology", choices=["manual", "local"], default="manual",
                    help="'local' reads this machine's GPU count and NVLink links through NVML "
                         "(nvidia-ml-py); 'manual' (default) uses --gpus/--gpus-per-node")
@@ -123,6 +124,10 @@ def run(args) -> int:
                                    intra_node_bw=args.intra_node_bw, inter_node_bw=args.inter_node_bw)
     except ValueError as exc:
         return _err(str(exc))
+
+    if args.batch_size is None:
+        T = min(trace.num_tokens)
+        args.batch_size = 256 if T >= 2048 else max(8, T // 8)
 
     previous = None
     if args.previous:
