@@ -349,3 +349,12 @@ def test_import_does_not_touch_cuda_or_triton():
             "assert not torch.cuda.is_initialized(), 'cuda initialised'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_planner_imports_without_torch():
+    """moekit's package init is lazy: the numpy-only planner does not pull in torch."""
+    import subprocess
+    import sys
+    code = "import sys, moekit.planner; assert 'torch' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
