@@ -308,9 +308,9 @@ class _CPUGroupedExperts(torch.autograd.Function):
         for n in counts:
             starts.append(starts[-1] + n)
         parts = _split_rows(counts, torch.get_num_threads())
-        # An expert whose rows two workers share gets its weight grads afterwards from GEMMs over
-        # all its rows, split by output rows over the workers (two partial sums over the rows
-        # would round differently from the loop backend); the first pass leaves that expert's
+        # An expert whose rows two workers share gets its weight grads in a second pass, from
+        # GEMMs over all its rows split by output rows (two partial sums over the rows would
+        # round differently from the loop backend); the first pass leaves that expert's
         # output-grad and activation-grad rows in side buffers.
         pieces_per_expert = Counter(e for pieces in parts for e, _, _ in pieces)
         side = {e: (x_TD.new_empty(counts[e], D), x_TD.new_empty(counts[e], h_NH.shape[1]))
@@ -332,20 +332,26 @@ class _CPUGroupedExperts(torch.autograd.Function):
                 if need_x:
                     gslots_TKD.index_copy_(0, pos_N[a:b], torch.mm(g_nH, w_in_EHD[e]))
 
-        def run_shared(j):  # worker j of P: its share of the output rows of each shared expert's grads
-            P = len(parts)
-            for e, (g_nD, g_nH) in side.items():
-                rows = slice(starts[e], starts[e + 1])
+        def run_shared(pieces):
+            # each worker computes the output rows of a shared expert's weight grads in proportion
+            # to the rows of it that it held in the first pass, which balances the two passes
+            for e, a, b in pieces:
+                if e not in side:
+                    continue
+                g_nD, g_nH = side[e]
+                rows, n = slice(starts[e], starts[e + 1]), counts[e]
+                a, b = a - starts[e], b - starts[e]
                 if need_out:
-                    lo, hi = D * j // P, D * (j + 1) // P
+                    lo, hi = D * a // n, D * b // n
                     torch.mm(g_nD.t()[lo:hi], _activate_no_grad(h_NH[rows], activation), out=grad_out[e][lo:hi])
                 if need_in:
-                    lo, hi = h_NH.shape[1] * j // P, h_NH.shape[1] * (j + 1) // P
+                    H = h_NH.shape[1]
+                    lo, hi = H * a // n, H * b // n
                     torch.mm(g_nH.t()[lo:hi], x_TD.index_select(0, token_N[rows]), out=grad_in[e][lo:hi])
 
         _run_on_workers(run, parts)
         if side:
-            _run_on_workers(run_shared, list(range(len(parts))))
+            _run_on_workers(run_shared, parts)
         for buf in (grad_in, grad_out):
             if buf is not None:
                 for e, n in enumerate(counts):
