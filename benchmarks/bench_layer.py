@@ -174,7 +174,12 @@ def tutel_status() -> tuple[bool, str]:
         from tutel import moe  # noqa: F401
     except Exception as exc:  # ImportError, or a broken build raising at import
         return False, f"not importable: {type(exc).__name__}: {exc}"
-    return True, f"tutel {getattr(tutel, '__version__', '?')} imported from {Path(tutel.__file__).parent}"
+    try:
+        from importlib.metadata import version
+        ver = version("tutel")
+    except Exception:  # installed without metadata
+        ver = getattr(tutel, "__version__", "?")
+    return True, f"tutel {ver} imported from {Path(tutel.__file__).parent}"
 
 
 def build_variants(shape: Shape, layer: MoELayer, names: list[str], tutel_ok: bool, tutel_msg: str):
@@ -437,6 +442,29 @@ def print_table(shape: Shape, res: dict, modes: list[str]) -> None:
     print(f"  load average (1 min) before/after timing: {res['loadavg_1min']}", flush=True)
 
 
+def markdown(results: dict, modes: list[str]) -> str:
+    """One markdown table per shape (for benchmarks/RESULTS.md)."""
+    out = []
+    for sname, r in results.items():
+        sh = r["shape"]
+        out.append(f"**{sname}** (D={sh['D']}, F={sh['F']}, E={sh['E']}, K={sh['K']}, T={sh['T']}, "
+                   f"norm_topk_prob={sh['norm_topk_prob']}); floor: "
+                   + ", ".join(f"{m} `{r['floor'][m]['form']}`" for m in modes) + "\n")
+        out.append("| variant | " + " | ".join(f"{m} x floor | {m} ms | {m} peak MiB" for m in modes) + " |")
+        out.append("|---|" + "---:|---:|---:|" * len(modes))
+        out.append("| dense floor | " + " | ".join(
+            f"1.00 | {r['floor'][m]['ms']:.1f} | {r['floor'][m]['peak_mib']:.0f}" for m in modes) + " |")
+        for n, e in r["variants"].items():
+            if "skipped" in e:
+                out.append(f"| {n} | " + " | ".join("skipped | | " for _ in modes) + " |")
+                continue
+            out.append(f"| {n} | " + " | ".join(
+                f"{e[m + '_x_floor']:.2f} | {e[m + '_ms']:.1f} | {e[m + '_peak_mib']:.0f}" for m in modes) + " |")
+        out.append(f"\nload average (1 min) before/after the timed rounds: "
+                   + ", ".join(f"{m} {v[0]}/{v[1]}" for m, v in r["loadavg_1min"].items()) + "\n")
+    return "\n".join(out)
+
+
 def acceptance(results: dict, modes: list[str]) -> list[dict]:
     checks = []
     for sname, r in results.items():
@@ -464,6 +492,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--markdown", action="store_true", help="also print markdown tables before the JSON")
     p.add_argument("--reps", type=int, default=5, help="max timed rounds per mode")
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (the first is profiled)")
@@ -499,6 +528,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print("\nacceptance (MoELayer, dropless):")
         for c in checks:
             print(f"  {'PASS' if c['ok'] else 'MISS'}  {c['shape']:14s} {c['mode']:7s} {c['check']}: {c['value']}")
+    if args.markdown:
+        print("\n" + markdown(results, modes))
     summary = {
         "bench": "bench_layer", "command": command, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": info, "tutel": {"available": tutel[0], "status": tutel[1]},
