@@ -129,6 +129,14 @@ def local_search(w_E: np.ndarray, A: np.ndarray, max_iter: int = 20000, time_bud
     return A
 
 
+def _balance_key(w_E: np.ndarray, A: np.ndarray) -> tuple:
+    """Order of a GPU assignment A [G, S] of per-replica loads w_E: (heaviest GPU, how many
+    GPUs tie with it, sum of squares), smaller is better."""
+    ld = w_E[A].sum(axis=1)
+    m = ld.max()
+    return (m, int((ld >= m * (1 - 1e-12)).sum()), float((ld * ld).sum()))
+
+
 def _improve_counts_repack(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, A: np.ndarray,
                            time_budget: float = 0.5, max_tries: int = 400):
     """Local search over replica counts: give one more replica to an expert on the heaviest GPU,
@@ -137,11 +145,7 @@ def _improve_counts_repack(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, 
     load_E = np.asarray(load_E, dtype=np.float64)
     w = load_E / cnt
 
-    def key(wv, AA):                      # (heaviest GPU, how many GPUs tie with it, sum of squares)
-        ld = wv[AA].sum(axis=1)
-        m = ld.max()
-        return (m, int((ld >= m * (1 - 1e-12)).sum()), float((ld * ld).sum()))
-    best = key(w, A)
+    best = _balance_key(w, A)
     t_end = time.perf_counter() + time_budget
     tries = 0
     improved = True
@@ -165,7 +169,7 @@ def _improve_counts_repack(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, 
                     c2[d] -= 1
                     w2 = load_E / c2
                     A2 = local_search(w2, _greedy_A(load_E, G, S, c2), time_budget=0.2)
-                    k2 = key(w2, A2)
+                    k2 = _balance_key(w2, A2)
                     if k2[0] < best[0] - 1e-12 or (k2[0] <= best[0] + 1e-12 and k2[1:] < best[1:]):
                         cnt, A, w, best = c2, A2, w2, k2
                         improved = True
@@ -182,10 +186,7 @@ def _improve_counts_move(load_E, G, S, cnt, A, time_budget=0.5, max_tries=100000
     lightest) becomes a replica of an expert e on one of the heaviest GPUs, in place; then swaps."""
     load_E = np.asarray(load_E, dtype=np.float64)
     w = load_E / cnt
-    def key(wv, AA):
-        ld = wv[AA].sum(axis=1); m = ld.max()
-        return (m, int((ld >= m * (1 - 1e-12)).sum()), float((ld * ld).sum()))
-    best = key(w, A)
+    best = _balance_key(w, A)
     t_end = time.perf_counter() + time_budget
     tries = 0
     improved = True
@@ -217,7 +218,7 @@ def _improve_counts_move(load_E, G, S, cnt, A, time_budget=0.5, max_tries=100000
                 c2 = cnt.copy(); c2[e] += 1; c2[d] -= 1
                 w2 = load_E / c2
                 A2 = local_search(w2, A2, time_budget=0.05)
-                k2 = key(w2, A2)
+                k2 = _balance_key(w2, A2)
                 if k2[0] < best[0] - 1e-12 or (k2[0] <= best[0] + 1e-12 and k2[1:] < best[1:]):
                     cnt, A, w, best = c2, A2, w2, k2
                     improved = True
