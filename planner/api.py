@@ -18,7 +18,7 @@ from .metrics import CostModel, evaluate
 from .placement import Placement
 from .stats import TraceStats, trace_stats
 from .topology import Topology
-from .traces import RoutingTrace
+from .traces import RoutingTrace, to_jsonable
 
 __all__ = ["PlanResult", "plan_placement", "compare_placements", "format_table", "write_placement_json",
            "instance_bounds", "make_topology", "share_bounds", "METHODS"]
@@ -230,16 +230,6 @@ def write_placement_json(path, result: PlanResult, eplb: bool = False, extra: di
     d = result.to_json_dict(eplb=eplb)
     if extra:
         d.update(extra)
-    Path(path).write_text(json.dumps(_clean(d), indent=1))
+    Path(path).write_text(json.dumps(to_jsonable(d), indent=1))
 
 
-def _clean(o):
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, np.generic):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o

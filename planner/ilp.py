@@ -137,6 +137,11 @@ def _balance_key(w_E: np.ndarray, A: np.ndarray) -> tuple:
     return (m, int((ld >= m * (1 - 1e-12)).sum()), float((ld * ld).sum()))
 
 
+def _better(k2: tuple, best: tuple) -> bool:
+    """k2 beats best: a lighter heaviest GPU, or an equal one with fewer ties / a smaller sum of squares."""
+    return k2[0] < best[0] - 1e-12 or (k2[0] <= best[0] + 1e-12 and k2[1:] < best[1:])
+
+
 def _improve_counts_repack(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, A: np.ndarray,
                            time_budget: float = 0.5, max_tries: int = 400):
     """Local search over replica counts: give one more replica to an expert on the heaviest GPU,
@@ -170,7 +175,7 @@ def _improve_counts_repack(load_E: np.ndarray, G: int, S: int, cnt: np.ndarray, 
                     w2 = load_E / c2
                     A2 = local_search(w2, _greedy_A(load_E, G, S, c2), time_budget=0.2)
                     k2 = _balance_key(w2, A2)
-                    if k2[0] < best[0] - 1e-12 or (k2[0] <= best[0] + 1e-12 and k2[1:] < best[1:]):
+                    if _better(k2, best):
                         cnt, A, w, best = c2, A2, w2, k2
                         improved = True
                         break
@@ -219,7 +224,7 @@ def _improve_counts_move(load_E, G, S, cnt, A, time_budget=0.5, max_tries=100000
                 w2 = load_E / c2
                 A2 = local_search(w2, A2, time_budget=0.05)
                 k2 = _balance_key(w2, A2)
-                if k2[0] < best[0] - 1e-12 or (k2[0] <= best[0] + 1e-12 and k2[1:] < best[1:]):
+                if _better(k2, best):
                     cnt, A, w, best = c2, A2, w2, k2
                     improved = True
                     break

@@ -33,6 +33,7 @@ This module is numpy-only (the planner never imports torch).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ class RoutingTrace:
             "num_layers": self.num_layers,
             "aligned": self.aligned,
             "has_weights": self.topk_weights is not None,
-            "meta": _jsonable(self.meta),
+            "meta": to_jsonable(self.meta),
         }
         arrays = {
             "format": np.array(FORMAT_NAME),
@@ -169,15 +170,17 @@ class RoutingTrace:
             np.savez_compressed(f, **arrays)
 
 
-def _jsonable(obj):
+def to_jsonable(obj):
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, np.generic):
-        return obj.item()
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # strict JSON has no NaN/inf
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return str(obj)
