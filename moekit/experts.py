@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import GLU_ACTIVATIONS, MoEConfig
+from moekit.workspace import POOL, Lease
 
 Backend = Callable[..., torch.Tensor]
 
@@ -152,6 +153,10 @@ class _GroupedMM(torch.autograd.Function):
 # gather rows -> up GEMM -> activation -> down GEMM -> scatter to (token, slot); the weighted
 # sum over K follows on the calling thread. Everything between the two GEMMs stays in cache,
 # and neither the gathered input nor the activation output is materialised for all N rows.
+# Few large experts (Mixtral-like: ~512 rows x 1024 x 4096 per expert) are the exception: there
+# one barrier per GEMM is cheap next to the GEMM, and running the experts one after another on
+# the calling thread, each GEMM over all intra-op threads, measured 3-5 % faster in forward
+# (benchmarks/RESULTS.md); :func:`_plan_parts` picks the schedule.
 
 _WORKER_POOLS: dict[int, ThreadPoolExecutor] = {}
 _WORKER_POOLS_LOCK = threading.Lock()
@@ -206,6 +211,22 @@ def _split_rows(counts_E: list[int], num_parts: int) -> list[list[tuple[int, int
             start += n
         parts.append(pieces)
     return [p for p in parts if p] or [[]]
+
+
+# Multiply-adds of one up-projection per busy expert from which the experts run one after
+# another with intra-op parallel GEMMs instead of on single-threaded workers (between the
+# OLMoE-like 256 x 1024 x 1024 = 0.27 G, where workers win, and the Mixtral-like
+# 512 x 1024 x 4096 = 2.1 G, where parallel GEMMs win).
+INLINE_MIN_MACS = 1 << 30
+
+
+def _plan_parts(counts_E: list[int], D: int, H: int) -> list[list[tuple[int, int, int]]]:
+    """The schedule: one part per worker thread, or a single part run on the calling thread."""
+    busy = [n for n in counts_E if n]
+    threads = torch.get_num_threads()
+    if threads == 1 or (busy and sum(busy) / len(busy) * D * H >= INLINE_MIN_MACS):
+        return _split_rows(counts_E, 1)
+    return _split_rows(counts_E, threads)
 
 
 def _gate_activation(gate_NF: torch.Tensor, activation: str) -> torch.Tensor:
@@ -266,9 +287,10 @@ class _CPUGroupedExperts(torch.autograd.Function):
         counts = d.tokens_per_expert_E.tolist()
         N, H = pos_N.numel(), w_in_EHD.shape[1]
         save = any(ctx.needs_input_grad)
-        h_NH = x_TD.new_empty(N, H) if save else None
-        # dropped (token, slot) pairs keep a zero row: their weight is 0, and 0 * garbage may be NaN
-        slots_TKD = x_TD.new_zeros(T * K, D) if N < T * K else x_TD.new_empty(T * K, D)
+        h_NH = POOL.take((N, H), x_TD.dtype) if save else None
+        slots_TKD = POOL.take((T * K, D), x_TD.dtype)
+        if N < T * K:  # dropped (token, slot) pairs keep a zero row: weight 0 times garbage may be NaN
+            slots_TKD.zero_()
 
         def run(pieces):
             for e, a, b in pieces:
@@ -277,13 +299,19 @@ class _CPUGroupedExperts(torch.autograd.Function):
                 y_nD = torch.mm(_activate_no_grad(h_nH, activation), w_out_EDF[e].t())
                 slots_TKD.index_copy_(0, pos_N[a:b], y_nD)
 
-        _run_on_workers(run, _split_rows(counts, torch.get_num_threads()))
+        parts = _plan_parts(counts, D, H)
+        _run_on_workers(run, parts)
         w_T1K = topk_weights_TK.to(x_TD.dtype).unsqueeze(1)
         if save:
             ctx.save_for_backward(x_TD, w_T1K, w_in_EHD, w_out_EDF, h_NH, slots_TKD)
-            ctx.d, ctx.counts, ctx.activation = d, counts, activation
+            ctx.d, ctx.counts, ctx.activation, ctx.parts = d, counts, activation, parts
             ctx.weights_dtype = topk_weights_TK.dtype
-        return torch.bmm(w_T1K, slots_TKD.view(T, K, D)).squeeze(1)
+        y_TD = torch.bmm(w_T1K, slots_TKD.view(T, K, D)).squeeze(1)
+        if save:
+            ctx.lease = Lease(POOL, h_NH, slots_TKD)  # back to the pool when the graph is freed
+        else:
+            POOL.give(slots_TKD)
+        return y_TD
 
     @staticmethod
     def backward(ctx, grad_TD):
@@ -301,19 +329,22 @@ class _CPUGroupedExperts(torch.autograd.Function):
             return grad_x, grad_weights, grad_in, grad_out, None, None
         w_N = w_T1K.view(-1).index_select(0, pos_N)
         if need_x:
-            gslots_TKD = x_TD.new_zeros(T * K, D) if pos_N.numel() < T * K else x_TD.new_empty(T * K, D)
+            # pooled unless it becomes grad_x itself (K == 1)
+            gslots_TKD = POOL.take((T * K, D), x_TD.dtype) if K > 1 else x_TD.new_empty(T, D)
+            if pos_N.numel() < T * K:
+                gslots_TKD.zero_()
         grad_in = torch.empty_like(w_in_EHD) if need_in else None
         grad_out = torch.empty_like(w_out_EDF) if need_out else None
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
-        parts = _split_rows(counts, torch.get_num_threads())
+        parts = ctx.parts
         # An expert whose rows two workers share gets its weight grads in a second pass, from
         # GEMMs over all its rows split by output rows (two partial sums over the rows would
         # round differently from the loop backend); the first pass leaves that expert's
         # output-grad and activation-grad rows in side buffers.
         pieces_per_expert = Counter(e for pieces in parts for e, _, _ in pieces)
-        side = {e: (x_TD.new_empty(counts[e], D), x_TD.new_empty(counts[e], h_NH.shape[1]))
+        side = {e: (POOL.take((counts[e], D), x_TD.dtype), POOL.take((counts[e], h_NH.shape[1]), x_TD.dtype))
                 for e, c in pieces_per_expert.items() if c > 1 and (need_in or need_out)}
 
         def run(pieces):
@@ -352,13 +383,17 @@ class _CPUGroupedExperts(torch.autograd.Function):
         _run_on_workers(run, parts)
         if side:
             _run_on_workers(run_shared, parts)
+            POOL.give(*(buf for bufs in side.values() for buf in bufs))
         for buf in (grad_in, grad_out):
             if buf is not None:
                 for e, n in enumerate(counts):
                     if n == 0:
                         buf[e].zero_()
         if need_x:
-            grad_x = gslots_TKD.view(T, K, D).sum(1) if K > 1 else gslots_TKD
+            grad_x = gslots_TKD
+            if K > 1:
+                grad_x = gslots_TKD.view(T, K, D).sum(1)
+                POOL.give(gslots_TKD)
         return grad_x, grad_weights, grad_in, grad_out, None, None
 
 
