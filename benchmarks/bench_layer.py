@@ -493,7 +493,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--markdown", action="store_true", help="also print markdown tables before the JSON")
-    p.add_argument("--reps", type=int, default=5, help="max timed rounds per mode")
+    p.add_argument("--reps", type=int, default=9, help="max timed rounds per mode")
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (the first is profiled)")
     p.add_argument("--variant-budget", type=float, default=20.0,
