@@ -333,8 +333,9 @@ class _CPUGroupedExperts(torch.autograd.Function):
             gslots_TKD = POOL.take((T * K, D), x_TD.dtype) if K > 1 else x_TD.new_empty(T, D)
             if pos_N.numel() < T * K:
                 gslots_TKD.zero_()
-        grad_in = torch.empty_like(w_in_EHD) if need_in else None
-        grad_out = torch.empty_like(w_out_EDF) if need_out else None
+        # lent: back in the pool when autograd's consumer (usually .grad) frees them
+        grad_in = POOL.lend(w_in_EHD.shape, w_in_EHD.dtype) if need_in else None
+        grad_out = POOL.lend(w_out_EDF.shape, w_out_EDF.dtype) if need_out else None
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)

@@ -2,6 +2,8 @@
 reference, and the buffer pool it draws its large intermediates from."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -126,3 +128,76 @@ def test_retained_graph_keeps_its_buffers(monkeypatch):
     idle = POOL.idle_bytes
     del y
     assert POOL.idle_bytes > idle  # the graph's buffers came back once it was freed
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_pool_starts_empty_in_a_forked_child():
+    buf = POOL.take((1024, 1024), torch.float32)
+    POOL.give(buf)
+    assert POOL.idle_bytes > 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report and leave at once
+        os.write(w, str(POOL.idle_bytes).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(r, 64) == b"0"
+
+
+def test_lent_tensor_comes_back_when_its_storage_is_freed():
+    pool = BufferPool()
+    t = pool.lend((512, 1024), torch.bfloat16)  # any dtype: the pool holds bytes
+    assert t.shape == (512, 1024) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    ptr = t.data_ptr()
+    view = t[3:7]
+    del t
+    assert pool.idle_bytes == 0  # a view still shares the storage
+    del view
+    assert pool.idle_bytes == 1 << 20
+    again = pool.lend((256, 1024), torch.float32)
+    assert again.data_ptr() == ptr
+    assert pool.lend((4, 4), torch.float32).shape == (4, 4)  # small: plain tensor
+
+
+def _moe(backend):
+    from moekit import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    # w_in [8, 256, 256] fp32 = 2 MiB, w_out [8, 256, 128] = 1 MiB: their grads are lent
+    layer = MoELayer(MoEConfig(hidden_size=256, ffn_hidden_size=128, num_experts=8, top_k=2,
+                               aux_loss_coef=0.01, backend=backend))
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.5)
+    return layer
+
+
+def test_weight_grads_reuse_memory_across_steps_and_match_loop():
+    """Lent weight grads: the optimizer sees the loop backend's values; after zero_grad the
+    memory serves the next backward; a grad the user kept is never overwritten."""
+    layers = {b: _moe(b) for b in ("loop", "grouped_mm")}
+    opts = {b: torch.optim.Adam(m.parameters(), lr=1e-3) for b, m in layers.items()}
+    w_in = layers["grouped_mm"].experts.w_in
+    ptrs = []
+    for step in range(4):
+        x = torch.randn(3, 50, 256)
+        for b, layer in layers.items():
+            opts[b].zero_grad()
+            (layer(x) - x).square().mean().backward()
+            opts[b].step()
+        ptrs.append(w_in.grad.data_ptr())
+        if step == 2:  # the user keeps this one
+            kept, kept_copy = w_in.grad, w_in.grad.clone()
+    assert len(set(ptrs[:3])) < 3  # memory came back after zero_grad and was used again
+    torch.testing.assert_close(kept, kept_copy, rtol=0, atol=0)  # step 3 did not write over it
+    assert ptrs[3] != ptrs[2]
+    for (n, p), q in zip(layers["loop"].named_parameters(), layers["grouped_mm"].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_accumulated_weight_grads_add_up():
+    layer = _moe("grouped_mm")
+    x = torch.randn(2, 40, 256)
+    layer(x).sum().backward()
+    once = layer.experts.w_in.grad.clone()
+    layer(x).sum().backward()  # .grad exists: autograd adds the new (lent) grad into it
+    torch.testing.assert_close(layer.experts.w_in.grad, 2 * once)
