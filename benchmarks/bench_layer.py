@@ -29,7 +29,9 @@ a variant stops after ``--min-reps`` rounds once it has used ``--variant-budget`
 Peak memory: the first warm-up step of each variant runs under ``torch.profiler`` with
 ``profile_memory=True``; the reported peak is the largest net amount of torch CPU tensor memory
 allocated during that step above what was live when it began (activations, saved tensors,
-outputs, gradients; not weights or the input, which exist before the step).
+outputs, gradients; not weights or the input, which exist before the step). moekit's buffer
+pool is emptied before each profiled step, so the buffers it reuses in later steps count here;
+what the pool holds idle after the timed rounds is reported beside the load average.
 
 Usage::
 
@@ -61,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from moekit.config import MoEConfig  # noqa: E402
 from moekit.experts import resolve_backend  # noqa: E402
 from moekit.layer import MoELayer  # noqa: E402
+from moekit.workspace import POOL  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,7 @@ def profiled_step(step: Callable) -> tuple[float, set[str], object, float]:
     """Run ``step`` once under the memory profiler: (peak MiB, op names seen, result, seconds)."""
     from torch.profiler import ProfilerActivity, profile
 
+    POOL.clear()  # so that moekit's reused buffers count as allocated by the step that uses them
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         t0 = time.perf_counter()
         result = step()
@@ -408,6 +412,7 @@ def run_shape(shape: Shape, variant_names: list[str], modes: list[str], args, tu
         times = time_interleaved(mode_steps, args.reps, args.min_reps, args.variant_budget)
         load1 = os.getloadavg()[0]
         res.setdefault("loadavg_1min", {})[mode] = [round(load0, 2), round(load1, 2)]
+        res.setdefault("pool_idle_mib", {})[mode] = round(POOL.idle_bytes / 2 ** 20, 1)
         for n, ts in times.items():
             tgt = res["floor"][n] if n.startswith("dense_") else res["variants"][n]
             tgt[f"{mode}_ms"] = round(statistics.median(ts) * 1e3, 2)
@@ -439,7 +444,8 @@ def print_table(shape: Shape, res: dict, modes: list[str]) -> None:
         for m in modes:
             row += f" {e[m + '_ms']:11.1f} {e[m + '_x_floor']:9.3f} {e[m + '_peak_mib']:11.1f}"
         print(row)
-    print(f"  load average (1 min) before/after timing: {res['loadavg_1min']}", flush=True)
+    print(f"  load average (1 min) before/after timing: {res['loadavg_1min']}; "
+          f"moekit buffer pool idle after timing (MiB): {res['pool_idle_mib']}", flush=True)
 
 
 def markdown(results: dict, modes: list[str]) -> str:
@@ -461,7 +467,9 @@ def markdown(results: dict, modes: list[str]) -> str:
             out.append(f"| {n} | " + " | ".join(
                 f"{e[m + '_x_floor']:.2f} | {e[m + '_ms']:.1f} | {e[m + '_peak_mib']:.0f}" for m in modes) + " |")
         out.append(f"\nload average (1 min) before/after the timed rounds: "
-                   + ", ".join(f"{m} {v[0]}/{v[1]}" for m, v in r["loadavg_1min"].items()) + "\n")
+                   + ", ".join(f"{m} {v[0]}/{v[1]}" for m, v in r["loadavg_1min"].items())
+                   + "; moekit buffer pool idle after the timed rounds (MiB): "
+                   + ", ".join(f"{m} {v}" for m, v in r["pool_idle_mib"].items()) + "\n")
     return "\n".join(out)
 
 
