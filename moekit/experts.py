@@ -155,8 +155,8 @@ class _GroupedMM(torch.autograd.Function):
 # and neither the gathered input nor the activation output is materialised for all N rows.
 # Few large experts (Mixtral-like: ~512 rows x 1024 x 4096 per expert) are the exception: there
 # one barrier per GEMM is cheap next to the GEMM, and running the experts one after another on
-# the calling thread, each GEMM over all intra-op threads, measured 3-5 % faster in forward
-# (benchmarks/RESULTS.md); :func:`_plan_parts` picks the schedule.
+# the calling thread, each GEMM over all intra-op threads, measured 3.5 % faster in forward and
+# 11 % in forward+backward (benchmarks/bench_cpu_reuse.py); :func:`_plan_parts` picks.
 
 _WORKER_POOLS: dict[int, ThreadPoolExecutor] = {}
 _WORKER_POOLS_LOCK = threading.Lock()
