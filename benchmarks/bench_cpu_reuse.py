@@ -54,14 +54,14 @@ def memory_costs(mib: int, rounds: int) -> dict:
     return out
 
 
-def _with(pool_on: bool, flip_schedule: bool, step: Callable) -> Callable:
+def _with(pool_on: bool, inline_min_macs: int, step: Callable) -> Callable:
+    """``step`` with the pool on or off and ``experts.INLINE_MIN_MACS`` set for its duration."""
     def run():
         POOL.max_idle_bytes = POOL_IDLE_DEFAULT if pool_on else 0
         if not pool_on:
             POOL.clear()
         saved = experts.INLINE_MIN_MACS
-        if flip_schedule:
-            experts.INLINE_MIN_MACS = _flipped
+        experts.INLINE_MIN_MACS = inline_min_macs
         try:
             return step()
         finally:
@@ -71,26 +71,23 @@ def _with(pool_on: bool, flip_schedule: bool, step: Callable) -> Callable:
     return run
 
 
-_flipped = experts.INLINE_MIN_MACS
-
-
 def run_shape(shape, modes, rounds) -> dict:
-    global _flipped
     layer = build_moekit(shape)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, shape.T, shape.D, generator=g)
     grad_out = torch.randn(1, shape.T, shape.D, generator=g)
-    H = 2 * shape.F
-    per_expert = shape.T * shape.K / shape.E
-    picked = "inline" if per_expert * shape.D * H >= experts.INLINE_MIN_MACS else "workers"
-    _flipped = (1 << 62) if picked == "inline" else 0
+    with torch.no_grad():  # the schedule the layer picks for this input, by its own rule
+        counts = layer.router(x.view(-1, shape.D)).tokens_per_expert_E.tolist()
+    picked = "inline" if len(experts._plan_parts(counts, shape.D, 2 * shape.F)) == 1 else "workers"
+    shipped = experts.INLINE_MIN_MACS
+    other = (1 << 62) if picked == "inline" else 0  # a threshold that forces the other schedule
     steps = make_steps(layer, x, grad_out)
     res = {"schedule_picked": picked, "modes": {}}
     for mode in modes:
         variants = {
-            "moekit": _with(True, False, steps[mode]),
-            "moekit_no_pool": _with(False, False, steps[mode]),
-            "moekit_other_schedule": _with(True, True, steps[mode]),
+            "moekit": _with(True, shipped, steps[mode]),
+            "moekit_no_pool": _with(False, shipped, steps[mode]),
+            "moekit_other_schedule": _with(True, other, steps[mode]),
         }
         for name, form in dense_steps(shape).items():
             variants[name] = form[mode]
