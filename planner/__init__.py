@@ -12,12 +12,13 @@ Quick tour::
 
 ``pulp`` and ``highspy`` are imported only when an ILP is solved.
 """
-from .api import (METHODS, PlanResult, compare_placements, format_table, instance_bounds, make_topology, share_bounds,
-                  plan_placement, score, write_placement_json)
+from .api import (METHODS, PlanResult, compare_placements, even_slots, format_table, instance_bounds, make_topology,
+                  share_bounds, plan_placement, score, write_placement_json)
+from .errors import PlanInputError
 from .greedy import (balanced_packing, contiguous_placement, greedy_placement, replica_counts,
                      round_robin_placement)
 from .ilp import ILPInfo, ilp_placement, layer_bounds
-from .metrics import CostModel, evaluate, gpu_traffic, load_imbalance, migration_cost
+from .metrics import CostModel, auto_batch_size, evaluate, gpu_traffic, load_imbalance, migration_cost
 from .milp import available_solvers
 from .placement import Placement, PlacementError, load_placement
 from .stats import TraceStats, expert_loads, trace_stats, transitions
@@ -31,7 +32,7 @@ __all__ = [
     "Placement", "PlacementError", "load_placement",
     "replica_counts", "balanced_packing", "greedy_placement", "contiguous_placement", "round_robin_placement",
     "ilp_placement", "ILPInfo", "layer_bounds", "available_solvers",
-    "CostModel", "evaluate", "gpu_traffic", "load_imbalance", "migration_cost",
-    "PlanResult", "plan_placement", "score", "compare_placements", "format_table", "write_placement_json",
-    "instance_bounds", "make_topology", "share_bounds", "METHODS",
+    "CostModel", "evaluate", "gpu_traffic", "load_imbalance", "migration_cost", "auto_batch_size",
+    "PlanInputError", "PlanResult", "plan_placement", "score", "compare_placements", "format_table", "write_placement_json",
+    "instance_bounds", "make_topology", "even_slots", "share_bounds", "METHODS",
 ]

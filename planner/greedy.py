@@ -13,6 +13,7 @@ import heapq
 
 import numpy as np
 
+from .errors import PlanInputError
 from .placement import Placement
 from .topology import Topology
 
@@ -24,12 +25,11 @@ def check_capacity(num_experts: int, topo: Topology) -> None:
     """Raise ValueError when the slots cannot hold every expert (or a GPU would need duplicates)."""
     E, G, S = num_experts, topo.num_gpus, topo.slots_per_gpu
     if G * S < E:
-        need = -(-E // G)
-        raise ValueError(f"too few slots: {G} GPUs x {S} slots = {G * S} < {E} experts; "
-                         f"need at least {need} slots per GPU")
+        raise PlanInputError("too few slots: {0} GPUs x {1} slots = {2} < {3} experts; need {slots_per_gpu} >= {4}",
+                             G, S, G * S, E, -(-E // G))
     if S > E:
-        raise ValueError(f"slots_per_gpu={S} exceeds the number of experts {E}: a GPU would hold "
-                         f"the same expert twice (infeasible); use at most {E}")
+        raise PlanInputError("{slots_per_gpu}={0} exceeds the number of experts {1}: a GPU would hold the same "
+                             "expert twice (infeasible); use at most {1}", S, E)
 
 
 def replica_counts(load_E: np.ndarray, num_slots: int, max_count: int) -> np.ndarray:

@@ -44,6 +44,7 @@ import numpy as np
 
 from .assign import bottleneck_assignment, linear_assignment
 from .greedy import balanced_packing, check_capacity, items_of, replica_counts, slots_from_gpus
+from .metrics import gpu_traffic
 from .milp import MILP, resolve_solver
 from .placement import Placement
 from .topology import Topology
@@ -741,12 +742,13 @@ def _dp_with_slack(loads_LE, res, mean, trans, W, G, S, slack, iters: int = 14):
 
 
 def weighted_traffic(A: list, trans: np.ndarray, W: np.ndarray, E: int) -> float:
-    """sum over boundaries of sum_{g1,g2} traffic(g1, g2) W[g1, g2] for assignments A[l] [G, S]."""
-    tot = 0.0
-    for l in range(len(A) - 1):
-        F = _share_from_A(A[l], E).T @ trans[l] @ _share_from_A(A[l + 1], E)
-        tot += float((F * W).sum())
-    return tot
+    """sum over boundaries of sum_{g1,g2} traffic(g1, g2) W[g1, g2] for assignments A[l] [G, S]
+    (layer l's experts at one end of a boundary, layer l+1's at the other). It decides whether
+    the exact traffic plans (DP, matchings) replace the MILP's and picks the Lagrangian sweep's
+    best, so it counts pairs with the scoring's own formula, ``metrics.gpu_traffic``."""
+    G, S = A[0].shape
+    pl = Placement(np.stack([np.asarray(a).reshape(-1) for a in A]), G, S, E)
+    return float((gpu_traffic(pl, trans[: len(A) - 1]) * W).sum())
 
 
 # --- stage 4 (small models): one joint MILP over all layers ------------------------------------

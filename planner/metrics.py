@@ -8,7 +8,7 @@ Definitions (all in ``evaluate``'s returned dict):
   mean GPU's tokens (the MoE part of a step takes as long as its slowest GPU, layer after
   layer; 1.0 is perfect balance). ``max_mean_load_worst_layer``: the worst single layer.
 * ``batch_max_mean_p50/p95/p99``: the same ratio for each batch of ``batch_size`` consecutive
-  tokens of the trace, then percentiles over batches.
+  tokens of the trace, then percentiles over batches (``batch_size`` None: ``auto_batch_size``).
 * ``cross_gpu_frac``: share of consecutive-layer expert pairs (e1 at l, e2 at l+1 of one
   token, all K*K pairs) whose experts are on different GPUs; replicas split a token
   equally. ``cross_node_frac``: the same across nodes.
@@ -29,12 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import PlanInputError
 from .placement import Placement
 from .stats import TraceStats, trace_stats
 from .topology import Topology
 from .traces import RoutingTrace
 
-__all__ = ["CostModel", "evaluate", "gpu_traffic", "load_imbalance", "migration_cost"]
+__all__ = ["CostModel", "evaluate", "gpu_traffic", "load_imbalance", "migration_cost", "auto_batch_size"]
 
 
 @dataclass
@@ -84,6 +85,22 @@ def migration_cost(previous: Placement, new: Placement, expert_bytes=None) -> di
             "migration_bytes": float(per_gpu_bytes.sum()), "migration_bytes_max_gpu": float(per_gpu_bytes.max())}
 
 
+def auto_batch_size(num_tokens: int) -> int:
+    """Tokens per batch for the per-batch percentiles: 256 (a serving step's worth) on traces of
+    2048 tokens or more; on shorter ones T/8 (at least 8), so there are still 8 batches."""
+    return 256 if num_tokens >= 2048 else max(8, num_tokens // 8)
+
+
+def resolve_batch_size(batch_size: int | None, stats: TraceStats) -> int | None:
+    """``batch_size``, or the automatic one for the stats' trace; None when there is no trace
+    (loads alone carry no token order)."""
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size <= 0):
+        raise PlanInputError("{batch_size} must be a positive integer, got {0!r}", batch_size)
+    if stats.trace is None:
+        return None
+    return int(batch_size) if batch_size is not None else auto_batch_size(min(stats.trace.num_tokens))
+
+
 def _batch_ratios(placement: Placement, trace: RoutingTrace, batch_size: int) -> np.ndarray:
     E, G, L = placement.num_experts, placement.num_gpus, placement.num_layers
     T = min(trace.num_tokens)
@@ -105,10 +122,11 @@ def _batch_ratios(placement: Placement, trace: RoutingTrace, batch_size: int) ->
     return mx[ok] / mean[ok]
 
 
-def evaluate(placement: Placement, data, topo: Topology | None = None, batch_size: int | None = 256,
+def evaluate(placement: Placement, data, topo: Topology | None = None, batch_size: int | None = None,
              cost: CostModel | None = None, previous: Placement | None = None,
              expert_bytes=None) -> dict:
-    """Score ``placement`` on ``data`` (a RoutingTrace, TraceStats or loads [L, E]); see the module doc."""
+    """Score ``placement`` on ``data`` (a RoutingTrace or a list of them, TraceStats or loads
+    [L, E]; see :func:`trace_stats`) and the module doc."""
     stats: TraceStats = trace_stats(data)
     L, E = stats.loads.shape
     if L != placement.num_layers or E != placement.num_experts:
@@ -122,8 +140,9 @@ def evaluate(placement: Placement, data, topo: Topology | None = None, batch_siz
     gl = placement.gpu_loads(stats.loads)
     ratio, worst = load_imbalance(gl)
     out = {"max_mean_load": ratio, "max_mean_load_worst_layer": worst}
-    if isinstance(data, RoutingTrace) and batch_size:
-        r = _batch_ratios(placement, data, int(batch_size))
+    batch_size = resolve_batch_size(batch_size, stats)
+    if batch_size is not None:
+        r = _batch_ratios(placement, stats.trace, batch_size)
         if r.size:
             out.update({"batch_size": int(batch_size), "num_batches": int(r.size),
                         "batch_max_mean_p50": float(np.percentile(r, 50)),

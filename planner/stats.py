@@ -4,11 +4,11 @@ Legend: L layers, E experts, T tokens, K top-k.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .traces import RoutingTrace
+from .traces import RoutingTrace, concat_traces
 
 __all__ = ["TraceStats", "expert_loads", "transitions", "trace_stats"]
 
@@ -43,11 +43,13 @@ def transitions(trace: RoutingTrace) -> np.ndarray:
 
 @dataclass
 class TraceStats:
-    """Planner inputs: loads [L, E] and (optionally) transitions [L-1, E, E]."""
+    """Planner inputs: loads [L, E] and (optionally) transitions [L-1, E, E]. ``trace``, when the
+    stats came from one, is kept for the metrics that need token order (per-batch load)."""
 
     loads: np.ndarray
     trans: np.ndarray | None = None
     expert_bytes: list | None = None
+    trace: RoutingTrace | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.loads = np.asarray(self.loads, dtype=np.float64)
@@ -73,11 +75,16 @@ class TraceStats:
 
 
 def trace_stats(src) -> TraceStats:
-    """TraceStats from a RoutingTrace, a TraceStats, or a loads array [L, E] / [E]."""
+    """TraceStats from a RoutingTrace (or a list of them, concatenated), a TraceStats (returned
+    as is), or a loads array [L, E] / [E]. The planner normalises its input here once: loads and
+    transitions cost a pass over every token."""
     if isinstance(src, TraceStats):
         return src
+    if isinstance(src, (list, tuple)) and src and all(isinstance(t, RoutingTrace) for t in src):
+        src = concat_traces(list(src))
     if isinstance(src, RoutingTrace):
         eb = src.meta.get("expert_bytes")
         return TraceStats(expert_loads(src), transitions(src) if src.aligned and src.num_layers > 1 else None,
-                          list(eb) if isinstance(eb, (list, tuple)) and len(eb) == src.num_layers else None)
+                          list(eb) if isinstance(eb, (list, tuple)) and len(eb) == src.num_layers else None,
+                          trace=src)
     return TraceStats(np.asarray(src, dtype=np.float64))

@@ -4,9 +4,11 @@ Legend: G GPUs, N GPUs per node, S expert slots per GPU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from .errors import PlanInputError
 
 __all__ = ["Topology", "local_topology", "NVMLUnavailable"]
 
@@ -28,16 +30,17 @@ class Topology:
         for name in ("num_gpus", "slots_per_gpu"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise PlanInputError("{%s} must be a positive integer, got {0!r}" % name, v)
         self.num_gpus = int(self.num_gpus)
         self.slots_per_gpu = int(self.slots_per_gpu)
         if self.gpus_per_node is None:
             self.gpus_per_node = self.num_gpus
         self.gpus_per_node = int(self.gpus_per_node)
         if self.gpus_per_node <= 0 or self.num_gpus % self.gpus_per_node:
-            raise ValueError(f"gpus_per_node={self.gpus_per_node} must divide num_gpus={self.num_gpus}")
-        if self.intra_node_bw <= 0 or self.inter_node_bw <= 0:
-            raise ValueError("bandwidths must be positive")
+            raise PlanInputError("{gpus_per_node}={0} must divide {num_gpus}={1}", self.gpus_per_node, self.num_gpus)
+        for name in ("intra_node_bw", "inter_node_bw"):
+            if not getattr(self, name) > 0:
+                raise PlanInputError("{%s} must be positive (GB/s), got {0!r}" % name, getattr(self, name))
         if self.bandwidth is not None:
             b = np.asarray(self.bandwidth, dtype=np.float64)
             if b.shape != (self.num_gpus, self.num_gpus):
@@ -75,12 +78,43 @@ class NVMLUnavailable(RuntimeError):
     """NVML (nvidia-ml-py) is missing or finds no GPU."""
 
 
-def local_topology(slots_per_gpu: int, intra_node_bw: float | None = None,
-                   inter_node_bw: float = 50.0) -> Topology:
-    """This machine's GPUs through NVML: GPU count and NVLink connectivity.
+def local_topology(slots_per_gpu: int, intra_node_bw: float | None = None, inter_node_bw: float = 50.0,
+                   num_gpus: int | None = None, gpus_per_node: int | None = None) -> Topology:
+    """A cluster of nodes laid out like this machine, whose GPUs and NVLinks NVML reports.
 
-    GPU pairs joined by an active NVLink get NVLink bandwidth (25 GB/s per link and
-    direction unless ``intra_node_bw`` is given), other pairs PCIe (~25 GB/s)."""
+    Each node is this machine's first ``gpus_per_node`` GPUs (default: all of them, or
+    ``num_gpus`` when that is fewer); ``num_gpus`` (default: one node) must be a multiple of
+    it, the nodes joined by ``inter_node_bw``. Within a node, GPU pairs joined by an active
+    NVLink get 25 GB/s per link and direction (``intra_node_bw`` when given), other pairs PCIe
+    (~25 GB/s); NVSwitch systems are all-to-all at ``intra_node_bw`` (default 450)."""
+    node_bw = nvml_bandwidth(intra_node_bw)
+    n = node_bw.shape[0]
+    if gpus_per_node is None:
+        gpus_per_node = n if num_gpus is None else min(n, num_gpus)
+    if gpus_per_node > n:
+        raise PlanInputError("{gpus_per_node}={0} exceeds the {1} GPUs NVML sees on this machine", gpus_per_node, n)
+    G = gpus_per_node if num_gpus is None else num_gpus
+    node_bw = node_bw[:gpus_per_node, :gpus_per_node]
+    intra = float(np.max(node_bw[np.isfinite(node_bw)])) if gpus_per_node > 1 else (intra_node_bw or 450.0)
+    topo = Topology(G, slots_per_gpu, gpus_per_node, intra, inter_node_bw)
+    if topo.num_gpus == 1:
+        return topo
+    return replace(topo, bandwidth=tile_nodes(node_bw, topo.num_nodes, inter_node_bw))
+
+
+def tile_nodes(node_bw: np.ndarray, num_nodes: int, inter_node_bw: float) -> np.ndarray:
+    """[G, G] GB/s of ``num_nodes`` copies of one node's [N, N] matrix, joined by ``inter_node_bw``."""
+    N = node_bw.shape[0]
+    bw = np.full((num_nodes * N, num_nodes * N), float(inter_node_bw))
+    for k in range(num_nodes):
+        bw[k * N:(k + 1) * N, k * N:(k + 1) * N] = node_bw
+    np.fill_diagonal(bw, np.inf)
+    return bw
+
+
+def nvml_bandwidth(intra_node_bw: float | None = None) -> np.ndarray:
+    """[n, n] GB/s between this machine's n GPUs from NVML's NVLink states (diagonal: inf);
+    see :func:`local_topology`. Raises NVMLUnavailable without NVML or a GPU."""
     try:
         import pynvml  # nvidia-ml-py
     except ImportError:
@@ -115,9 +149,7 @@ def local_topology(slots_per_gpu: int, intra_node_bw: float | None = None,
             if nvswitch:
                 bw = np.full((n, n), intra_node_bw or 450.0)
         np.fill_diagonal(bw, np.inf)
-        return Topology(num_gpus=n, slots_per_gpu=slots_per_gpu, gpus_per_node=n,
-                        intra_node_bw=float(np.max(bw[np.isfinite(bw)])) if n > 1 else 450.0,
-                        inter_node_bw=inter_node_bw, bandwidth=bw if n > 1 else None)
+        return bw
     finally:
         try:
             pynvml.nvmlShutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,10 +53,12 @@ def add_parser(subparsers, name: str = "plan", help_text: str = "plan expert pla
                    help="tokens per batch for the per-batch load percentiles (default: 256, or T/8 "
                         "for traces of fewer than 2048 tokens)")
     p.add_argument("--topology", choices=["manual", "local"], default="manual",
-                   help="'local' reads this machine's GPU count and NVLink links through NVML "
-                        "(nvidia-ml-py); 'manual' (default) uses --gpus/--gpus-per-node")
-    p.add_argument("--intra-node-bw", type=float, default=450.0, metavar="GBPS",
-                   help="intra-node GPU-GPU bandwidth in GB/s for the traffic model (default: 450)")
+                   help="'local': nodes laid out like this machine, whose GPUs and NVLinks NVML reads "
+                        "(nvidia-ml-py); --gpus defaults to one node, --gpus-per-node to its GPU count; "
+                        "'manual' (default): uniform links from --gpus/--gpus-per-node")
+    p.add_argument("--intra-node-bw", type=float, default=None, metavar="GBPS",
+                   help="intra-node GPU-GPU bandwidth in GB/s for the traffic model (default: 450; with "
+                        "--topology local: 25 per NVLink, or 450 on NVSwitch; given, it sets every NVLink pair)")
     p.add_argument("--inter-node-bw", type=float, default=50.0, metavar="GBPS",
                    help="inter-node bandwidth per GPU in GB/s (default: 50)")
     p.add_argument("--previous", default=None, metavar="FILE",
@@ -66,9 +69,16 @@ def add_parser(subparsers, name: str = "plan", help_text: str = "plan expert pla
                    help="'eplb' additionally writes EPLB's phy2log/log2phy/logcnt (default: sglang)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw per-GPU load and the cross-layer GPU traffic matrix (needs matplotlib)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars, no table")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars, no table (progress bars are also off when stderr is not a terminal)")
     p.add_argument("--out", required=True, metavar="placement.json", help="where to write the placement JSON")
     return p
+
+
+# the library names its fields in Python (slots_per_gpu); say them as the flags a user types
+FLAGS = {"num_gpus": "--gpus", "gpus_per_node": "--gpus-per-node", "slots_per_gpu": "--slots-per-gpu",
+         "intra_node_bw": "--intra-node-bw", "inter_node_bw": "--inter-node-bw", "batch_size": "--batch-size",
+         "solver": "--solver", "local": "--topology local"}
 
 
 def _err(msg: str) -> int:
@@ -76,26 +86,47 @@ def _err(msg: str) -> int:
     return 2
 
 
+def _input_err(exc: Exception) -> int:
+    """A library ValueError, its fields named as CLI flags."""
+    from moekit.planner import PlanInputError
+    return _err(exc.render(FLAGS) if isinstance(exc, PlanInputError) else str(exc))
+
+
+def unwritable(path: str, flag: str) -> str | None:
+    """Why ``path`` cannot be written (None when it can): checked before the solve, so a typo in
+    an output path costs nothing."""
+    p = Path(path)
+    parent = p.parent
+    if p.is_dir():
+        return f"{flag} {path} is a directory; give a file name"
+    if not parent.is_dir():
+        return f"{flag} {path}: folder {parent} does not exist"
+    if p.exists() and not os.access(p, os.W_OK):
+        return f"{flag} {path} is not writable"
+    if not p.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: folder {parent} is not writable"
+    return None
+
+
+def show_progress(args, stream=None) -> bool:
+    """Progress bars only for a person watching: not with --quiet, not into a file or pipe."""
+    stream = sys.stderr if stream is None else stream
+    return not args.quiet and bool(getattr(stream, "isatty", lambda: False)())
+
+
 def run(args) -> int:
     from moekit import planner as P
 
-    # --- inputs ---------------------------------------------------------------------------
-    try:
-        traces = [P.read_trace(f) for f in args.trace]
-        trace = P.concat_traces(traces)
-        score = None
-        if args.score_on:
-            score = P.concat_traces([P.read_trace(f) for f in args.score_on])
-    except FileNotFoundError as exc:
-        return _err(str(exc))
-    except P.TraceFormatError as exc:
-        return _err(f"cannot parse trace: {exc}")
-    except ValueError as exc:
-        return _err(str(exc))
-    E, L = trace.num_experts, trace.num_layers
-    if score is not None and (score.num_experts != E or score.num_layers != L):
-        return _err(f"--score-on trace has {score.num_layers} layers x {score.num_experts} experts, "
-                    f"the planning trace {L} x {E}")
+    # --- outputs first: a bad path fails now, not after the solve -----------------------------
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        why = path and unwritable(path, flag)
+        if why:
+            return _err(why)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return _err("--plot needs matplotlib: pip install 'moekit[plot]' (or pip install matplotlib)")
     for name in ("gpus", "gpus_per_node", "slots_per_gpu", "jobs", "batch_size"):
         v = getattr(args, name)
         if v is not None and v <= 0:
@@ -105,29 +136,29 @@ def run(args) -> int:
     if args.balance_slack < 0:
         return _err(f"--balance-slack must be >= 0, got {args.balance_slack}")
 
+    # --- inputs, normalised once (loads and cross-layer transitions) ----------------------------
     try:
-        if args.topology == "local":
-            try:
-                topo_local = P.local_topology(slots_per_gpu=1)
-            except P.NVMLUnavailable as exc:
-                return _err(str(exc))
-            G = args.gpus or topo_local.num_gpus
-            if G != topo_local.num_gpus:
-                return _err(f"--gpus {G} disagrees with the {topo_local.num_gpus} GPUs NVML sees")
-            topo = P.make_topology(E, G, args.slots_per_gpu, None)
-            topo = P.Topology(G, topo.slots_per_gpu, G, topo_local.intra_node_bw, args.inter_node_bw,
-                              bandwidth=topo_local.bandwidth)
-        else:
-            if args.gpus is None:
-                return _err("--gpus is required (or --topology local)")
-            topo = P.make_topology(E, args.gpus, args.slots_per_gpu, args.gpus_per_node,
-                                   intra_node_bw=args.intra_node_bw, inter_node_bw=args.inter_node_bw)
+        stats = P.trace_stats([P.read_trace(f) for f in args.trace])
+        score = P.trace_stats([P.read_trace(f) for f in args.score_on]) if args.score_on else None
+    except FileNotFoundError as exc:
+        return _err(str(exc))
+    except P.TraceFormatError as exc:
+        return _err(f"cannot parse trace: {exc}")
     except ValueError as exc:
         return _err(str(exc))
-
-    if args.batch_size is None:
-        T = min(trace.num_tokens)
-        args.batch_size = 256 if T >= 2048 else max(8, T // 8)
+    trace = stats.trace
+    E, L = trace.num_experts, trace.num_layers
+    if score is not None and score.loads.shape != stats.loads.shape:
+        return _err(f"--score-on trace has {score.num_layers} layers x {score.num_experts} experts, "
+                    f"the planning trace {L} x {E}")
+    try:
+        topo = P.make_topology(E, args.gpus, args.slots_per_gpu, args.gpus_per_node,
+                               local=args.topology == "local", intra_node_bw=args.intra_node_bw,
+                               inter_node_bw=args.inter_node_bw)
+    except P.NVMLUnavailable as exc:
+        return _err(str(exc))
+    except ValueError as exc:
+        return _input_err(exc)
 
     previous = None
     if args.previous:
@@ -138,62 +169,51 @@ def run(args) -> int:
         if previous.num_layers != L or previous.num_gpus != topo.num_gpus:
             return _err(f"--previous placement is for {previous.num_layers} layers x {previous.num_gpus} GPUs, "
                         f"this plan for {L} x {topo.num_gpus}")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            return _err("--plot needs matplotlib: pip install 'moekit[plot]' (or pip install matplotlib)")
 
     # --- plan -------------------------------------------------------------------------------
-    progress = not args.quiet
-    main_method = "greedy" if args.solver == "greedy" else args.solver
+    main_method = "greedy" if args.solver == "greedy" else "ilp"
     methods = [] if args.no_compare else ["contiguous", "round-robin", "greedy"]
     if main_method not in methods:
         methods.append(main_method)
     if not args.quiet:
         print(f"moekit plan: {L} layers x {E} experts (top-{trace.top_k}, {min(trace.num_tokens)} tokens); "
               f"{topo.num_gpus} GPUs x {topo.slots_per_gpu} slots ({topo.num_nodes} node(s)); "
-              f"planner {main_method}", file=sys.stderr)
-    results = {}
+              f"planner {args.solver}", file=sys.stderr)
     try:
-        for m in methods:
-            results[m] = P.plan_placement(trace, topo.num_gpus, topology=topo, solver=m,
-                                          time_limit=args.time_limit, rel_gap=args.gap, n_jobs=args.jobs,
-                                          balance_slack=args.balance_slack, progress=progress,
-                                          score_on=score, batch_size=args.batch_size, previous=previous)
+        results = P.compare_placements(stats, methods=methods, solver=args.solver, topology=topo,
+                                       time_limit=args.time_limit, rel_gap=args.gap, n_jobs=args.jobs,
+                                       balance_slack=args.balance_slack, progress=show_progress(args),
+                                       score_on=score, batch_size=args.batch_size, previous=previous)
     except ValueError as exc:      # infeasible / unavailable solver
-        return _err(str(exc))
+        return _input_err(exc)
     except RuntimeError as exc:
         return _err(f"solver failed: {exc}")
-    P.share_bounds(list(results.values()))
-    chosen = results[main_method]
+    chosen = results[-1]
 
     # --- output -------------------------------------------------------------------------------
-    table = P.format_table(list(results.values()))
     if not args.quiet:
-        print(table)
+        print(P.format_table(results))
     extra = {
         "traces": [str(f) for f in args.trace],
         "score_on": [str(f) for f in args.score_on] if args.score_on else None,
         "topology": topo.to_dict(),
         "comparison": {m: {"method": r.method, "solve_seconds": r.solve_seconds, "lower_bound": r.lower_bound,
                            "gap": r.gap, "metrics": r.metrics, "metrics_out_of_sample": r.metrics_out_of_sample}
-                       for m, r in results.items()},
+                       for m, r in zip(methods, results)},
     }
     try:
-        out = Path(args.out)
-        if out.parent and not out.parent.exists():
-            return _err(f"output folder {out.parent} does not exist")
-        P.write_placement_json(out, chosen, eplb=args.format == "eplb", extra=extra)
+        P.write_placement_json(args.out, chosen, eplb=args.format == "eplb", extra=extra)
     except OSError as exc:
         return _err(f"cannot write {args.out}: {exc}")
     if args.plot:
         try:
             from moekit.planner.plot import plot_placement
-            plot_placement(chosen.placement, trace, topo, args.plot)
+            plot_placement(chosen.placement, stats, topo, args.plot)
         except Exception as exc:  # noqa: BLE001 - plotting is best effort, report and fail
             return _err(f"cannot draw {args.plot}: {exc}")
     if not args.quiet:
         print(f"wrote {args.out} ({chosen.method}, max/mean {chosen.max_mean_load:.4f}, "
               f"gap {100 * chosen.gap:.2f}%)", file=sys.stderr)
+        if args.plot:
+            print(f"wrote plot {args.plot}", file=sys.stderr)
     return 0

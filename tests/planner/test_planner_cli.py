@@ -71,18 +71,21 @@ def test_plan_own_format_and_previous(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--gpus", 3], "do not divide evenly over 3 GPUs; pass slots_per_gpu >= 3"),
-    (["--gpus", 4, "--slots-per-gpu", 1], "too few slots: 4 GPUs x 1 slots = 4 < 8 experts; need at least 2"),
-    (["--gpus", 2, "--slots-per-gpu", 9], "exceeds the number of experts"),
-    (["--gpus", 4, "--gpus-per-node", 3], "gpus_per_node=3 must divide"),
+    (["--gpus", 3], "do not divide evenly over 3 GPUs; pass --slots-per-gpu >= 3"),
+    (["--gpus", 4, "--slots-per-gpu", 1], "too few slots: 4 GPUs x 1 slots = 4 < 8 experts; need --slots-per-gpu >= 2"),
+    (["--gpus", 2, "--slots-per-gpu", 9], "--slots-per-gpu=9 exceeds the number of experts"),
+    (["--gpus", 4, "--gpus-per-node", 3], "--gpus-per-node=3 must divide --gpus=4"),
+    (["--gpus", 4, "--inter-node-bw", 0], "--inter-node-bw must be positive (GB/s), got 0"),
     (["--gpus", 0], "--gpus must be positive"),
-    ([], "--gpus is required"),
+    ([], "--gpus is required unless the topology is read from this machine (--topology local)"),
 ])
 def test_plan_errors(tmp_path, capsys, args, msg):
+    """Hints name the flags a user types, never the library's Python fields."""
     p = tmp_path / "m.json"
     p.write_text(json.dumps({str(l): [[0, 1], [2, 3], [4, 5], [6, 7]] for l in range(2)}))
     rc, _, err = _run(capsys, "--trace", p, *args, "--quiet", "--out", tmp_path / "o.json")
     assert rc != 0 and msg in err and "Traceback" not in err
+    assert not any(f in err for f in ("slots_per_gpu", "gpus_per_node", "num_gpus", "inter_node_bw")), err
 
 
 def test_plan_bad_trace(tmp_path, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moekit.planner import (Placement, RoutingTrace, Topology, evaluate, expert_loads, gpu_traffic,
+from moekit.planner import (CostModel, Placement, RoutingTrace, Topology, evaluate, expert_loads, gpu_traffic,
                             migration_cost, transitions)
 
 
@@ -100,3 +100,46 @@ def test_json_roundtrip(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(d))
     back = load_placement(tmp_path / "p.json")
     assert np.array_equal(back.phy2log, pl.phy2log) and back.slots_per_gpu == 3
+
+
+@pytest.fixture
+def three_layers():
+    """4 tokens, top-1, 4 experts, 3 layers; a different placement in every layer, so a formula
+    that reads layer l's placement where it needs layer l+1's (or layer 0's everywhere) is caught.
+    GPU of each expert (2 GPUs x 2 slots):
+      layer 0 [0 1 | 2 3]: e0 e1 on GPU 0;  layer 1 [1 2 | 0 3]: e1 e2 on GPU 0;  layer 2 [2 3 | 0 1]: e2 e3 on GPU 0."""
+    ids = [np.array([[0], [0], [1], [2]]), np.array([[1], [3], [1], [2]]), np.array([[3], [3], [0], [1]])]
+    pl = Placement(np.array([[0, 1, 2, 3], [1, 2, 0, 3], [2, 3, 0, 1]]), 2, 2, 4).validate()
+    return RoutingTrace(ids, None, 4), pl
+
+
+def test_evaluate_different_placement_per_layer(three_layers):
+    tr, pl = three_layers
+    # loads: l0 e0=2 e1=1 e2=1; l1 e1=2 e2=1 e3=1; l2 e3=2 e0=1 e1=1
+    assert pl.gpu_loads(expert_loads(tr)).tolist() == [[3, 1], [3, 1], [2, 2]]
+    # boundary 0 pairs (token: e@l0 -> e@l1): 0->1 GPU0->GPU0, 0->3 GPU0->GPU1, 1->1 GPU0->GPU0, 2->2 GPU1->GPU0
+    # boundary 1 pairs: 1->3 GPU0->GPU0, 3->3 GPU1->GPU0, 1->0 GPU0->GPU1, 2->1 GPU0->GPU1
+    T = gpu_traffic(pl, transitions(tr))
+    assert T.tolist() == [[[2, 1], [1, 0]], [[1, 2], [1, 0]]]
+    m = evaluate(pl, tr, batch_size=2)
+    assert m["max_mean_load"] == pytest.approx((3 + 3 + 2) / 6)
+    assert m["max_mean_load_worst_layer"] == pytest.approx(1.5)
+    assert m["cross_gpu_frac"] == pytest.approx(5 / 8) and m["cross_gpu_pairs"] == 5
+    assert m["worst_link_frac"] == pytest.approx(2 / 4)          # boundary 1, GPU0 -> GPU1
+    # batches of tokens {0, 1} and {2, 3}: per layer heaviest GPU (2, 1, 2) and (1, 2, 2), mean 1 each
+    assert m["num_batches"] == 2 and m["batch_max_mean_p50"] == pytest.approx(5 / 3)
+    # the slowest link per boundary carries 1 and 2 tokens (top-1: a pair is a token); none after the last
+    us_per_token = CostModel().token_bytes / 450e9 * 1e6
+    assert m["comm_us_per_layer"] == pytest.approx((1 + 2 + 0) / 3 * us_per_token)
+    assert m["compute_us_per_layer"] == pytest.approx((3 + 3 + 2) / 3 * 1e-3)
+
+
+def test_weighted_traffic_reads_both_ends_of_a_boundary(three_layers):
+    """The ILP's traffic objective (it accepts the exact DP / matching plans and picks the slack
+    sweep's best) on the hand case: with layer l's placement at both ends it would give 1*1 + 2*1 = 3."""
+    from moekit.planner.ilp import weighted_traffic
+    tr, pl = three_layers
+    A = [pl.phy2log[l].reshape(2, 2) for l in range(3)]
+    W = np.array([[0.0, 1.0], [3.0, 0.0]])                      # GPU1 -> GPU0 costs 3x: direction counts
+    # boundary 0: GPU0->GPU1 1 pair, GPU1->GPU0 1 pair; boundary 1: GPU0->GPU1 2, GPU1->GPU0 1
+    assert weighted_traffic(A, transitions(tr), W, 4) == pytest.approx((1 + 3) + (2 + 3))

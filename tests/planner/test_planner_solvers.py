@@ -44,7 +44,7 @@ def test_all_planners_valid(E, G, S):
 
 
 def test_capacity_errors():
-    with pytest.raises(ValueError, match="need at least 3 slots per GPU"):
+    with pytest.raises(ValueError, match="need slots_per_gpu >= 3"):
         P.greedy_placement(np.ones((1, 8)), P.Topology(3, 2))
     with pytest.raises(ValueError, match="exceeds the number of experts"):
         P.greedy_placement(np.ones((1, 4)), P.Topology(2, 5))
