@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -34,7 +35,12 @@ def test_plan_mixtral_end_to_end(shared_traces, tmp_path, capsys):
     assert m["max_mean_load"] <= g["max_mean_load"] + 1e-9
     assert m["cross_gpu_frac"] < g["cross_gpu_frac"]
     assert "metrics_out_of_sample" in d and d["gap"] >= 0
-    assert png.stat().st_size > 1000
+    # the README's example table: these columns do not depend on the machine
+    rows = {line.split("  ")[0].strip(): line.split()[-12:] for line in stdout.splitlines()[2:]}
+    assert " ".join(rows["greedy"][:7]) == "1.0471 1.242 1.317 0.7376 0.0000 0.1173 41.36"
+    assert " ".join(rows["ilp-highs"][:7]) == "1.0471 1.249 1.327 0.6837 0.0000 0.0901 38.72"
+    assert png.stat().st_size > 1000 and f"wrote plot {png}" in err
+    assert "ILP stage" not in err and "\r" not in err     # stderr is not a terminal: no progress bars
     # the runtime reads this file back
     from moekit.planner import load_placement
     assert load_placement(out).num_layers == 32
@@ -114,3 +120,89 @@ def test_plan_help_has_every_flag(capsys):
     for flag in ("--trace", "--gpus", "--gpus-per-node", "--slots-per-gpu", "--solver", "--time-limit",
                  "--score-on", "--out", "--format", "--topology", "--plot"):
         assert flag in text
+
+
+def _small_trace(tmp_path, L=3, T=60, seed=0):
+    rng = np.random.default_rng(seed)
+    p = tmp_path / f"t{seed}.json"
+    p.write_text(json.dumps({str(l): [rng.choice(8, 2, replace=False).tolist() for _ in range(T)]
+                             for l in range(L)}))
+    return p
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plot"])
+@pytest.mark.parametrize("where,msg", [("missing/x.json", "does not exist"), ("", "is a directory")])
+def test_output_paths_checked_before_anything(tmp_path, capsys, flag, where, msg):
+    """An unusable --out / --plot fails first: the trace named here does not even exist."""
+    bad = str(tmp_path / where)
+    paths = {"--out": str(tmp_path / "o.json"), "--plot": None, flag: bad}
+    argv = ["--trace", tmp_path / "absent.json", "--gpus", 4, "--out", paths["--out"]]
+    if paths["--plot"]:
+        argv += ["--plot", paths["--plot"]]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2 and f"{flag} {bad}" in err and msg in err and "not found" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_output_folder_not_writable(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc, _, err = _run(capsys, "--trace", tmp_path / "absent.json", "--gpus", 4, "--out", ro / "o.json")
+    finally:
+        ro.chmod(0o700)
+    assert rc == 2 and "is not writable" in err
+
+
+def test_progress_only_on_a_terminal():
+    import argparse
+    from moekit.cli.plan import show_progress
+
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+    assert show_progress(argparse.Namespace(quiet=False), Stream(True))
+    assert not show_progress(argparse.Namespace(quiet=False), Stream(False))
+    assert not show_progress(argparse.Namespace(quiet=True), Stream(True))
+
+
+def test_migration_shows_in_table(tmp_path, capsys):
+    tr = _small_trace(tmp_path)
+    rc, _, err = _run(capsys, "--trace", tr, "--gpus", 4, "--solver", "greedy", "--no-compare", "--quiet",
+                      "--out", tmp_path / "prev.json")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "--trace", _small_trace(tmp_path, seed=1), "--gpus", 4, "--time-limit", 2,
+                        "--jobs", 1, "--previous", tmp_path / "prev.json", "--out", tmp_path / "new.json")
+    assert rc == 0, err
+    d = json.loads((tmp_path / "new.json").read_text())
+    head, rows = out.splitlines()[0], out.splitlines()[2:]
+    assert head.split()[-1] == "migration" and len(rows) == 4
+    for row in rows:
+        name = row.split()[0]
+        key = "ilp" if name.startswith("ilp") else name
+        moved = d["comparison"][key]["metrics"]["migration_experts"]
+        assert row.endswith(f"{moved} experts")
+    assert d["comparison"]["contiguous"]["metrics"]["migration_experts"] > 0
+
+
+def test_table_without_previous_has_no_migration_column():
+    from moekit import planner as P
+    rows = P.compare_placements(np.ones((2, 8)), 4, methods=("contiguous",))
+    assert "migration" not in P.format_table(rows)
+
+
+def test_plot_colour_scales_start_at_zero_with_units(tmp_path):
+    from moekit import planner as P
+    from moekit.planner.plot import placement_figure
+    tr = P.read_trace(_small_trace(tmp_path, T=200))
+    res = P.plan_placement(tr, 4, solver="greedy")
+    assert res.placement.gpu_loads(P.expert_loads(tr)).min() > 0     # a scale from the data would not start at 0
+    fig = placement_figure(res.placement, tr)
+    images = [im for ax in fig.axes for im in ax.images]
+    assert len(images) == 2 and all(im.get_clim()[0] == 0 for im in images)
+    labels = [ax.get_ylabel() for ax in fig.axes[2:]]          # the two colour bars
+    assert labels == ["token-expert assignments per layer", "expert pairs (tokens x K x K), all layers"]

@@ -52,6 +52,20 @@ def test_capacity_errors():
         P.make_topology(8, 3)
     with pytest.raises(ValueError, match="gpus_per_node=3 must divide"):
         P.make_topology(8, 4, gpus_per_node=3)
+    with pytest.raises(ValueError, match="num_gpus is required unless the topology is read from this machine"):
+        P.make_topology(8)
+    with pytest.raises(ValueError, match="unknown solver 'simplex'"):
+        P.plan_placement(np.ones((1, 8)), 4, solver="simplex")
+
+
+def test_input_errors_render_each_front_ends_names():
+    """One message, its fields named by whoever shows it: Python names by default, CLI flags in `moekit plan`."""
+    with pytest.raises(P.PlanInputError) as ei:
+        P.make_topology(8, 4, gpus_per_node=3)
+    assert ei.value.fields == ["gpus_per_node", "num_gpus"]
+    assert str(ei.value) == "gpus_per_node=3 must divide num_gpus=4"
+    assert ei.value.render({"gpus_per_node": "--gpus-per-node", "num_gpus": "--gpus"}) == \
+        "--gpus-per-node=3 must divide --gpus=4"
 
 
 @pytest.mark.parametrize("solver", ["highs", "cbc"])

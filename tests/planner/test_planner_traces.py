@@ -173,3 +173,50 @@ def test_shared_traces(shared_traces):
     assert (g.num_layers, g.num_experts, g.top_k) == (30, 128, 6) and g.num_tokens[0] == 157
     m = read_trace(shared_traces / "mixtral" / "experts_math_mixtral.json")
     assert (m.num_layers, m.num_experts, m.top_k) == (32, 8, 2) and m.num_tokens[0] == 10307 and m.aligned
+
+
+def test_trace_stats_normalises_lists_once():
+    """A list of traces is concatenated, the trace kept for per-batch metrics, and a TraceStats
+    passes through untouched (the planner normalises its input once, then hands this on)."""
+    from moekit.planner import TraceStats, trace_stats
+    a, b = _trace(seed=1), _trace(seed=2)
+    st = trace_stats([a, b])
+    whole = trace_stats(concat_traces([a, b]))
+    assert np.array_equal(st.loads, whole.loads) and np.array_equal(st.trans, whole.trans)
+    assert st.trace.num_tokens == [10, 10, 10] and st.expert_bytes == [10, 20, 30]
+    assert trace_stats(st) is st
+    assert trace_stats(st.loads).trace is None and isinstance(trace_stats(st.loads), TraceStats)
+
+
+def test_plan_and_compare_compute_stats_once(monkeypatch):
+    """compare_placements: transitions (a pass over every token) once for the planning traces and
+    once for the scoring trace, not once per method and score."""
+    from moekit import planner as P
+    from moekit.planner import stats as stats_mod
+    calls = []
+    real = stats_mod.transitions
+    monkeypatch.setattr(stats_mod, "transitions", lambda tr: calls.append(tr.num_tokens) or real(tr))
+    train, test = [_trace(seed=s, T=40) for s in (1, 2)], _trace(seed=3, T=30)
+    res = P.compare_placements(train, 2, methods=("contiguous", "greedy", "ilp"), time_limit=2, n_jobs=1,
+                               score_on=test)
+    assert calls == [[80, 80, 80], [30, 30, 30]]
+    assert all(r.metrics_out_of_sample is not None and "cross_gpu_frac" in r.metrics for r in res)
+    # planning on the stats gives what planning on the traces gives
+    st = P.trace_stats(train)
+    one = P.plan_placement(st, 2, solver="greedy", score_on=P.trace_stats(test))
+    assert one.metrics == res[1].metrics and one.metrics_out_of_sample == res[1].metrics_out_of_sample
+
+
+def test_automatic_batch_size():
+    """256 tokens per batch on long traces; T/8 (>= 8) on short ones so percentiles still exist;
+    the out-of-sample score uses the planning trace's batch size."""
+    from moekit import planner as P
+    assert P.auto_batch_size(12138) == 256 and P.auto_batch_size(2048) == 256
+    assert P.auto_batch_size(156) == 19 and P.auto_batch_size(20) == 8
+    res = P.plan_placement(_trace(T=160), 2, solver="greedy", score_on=_trace(seed=5, T=400))
+    assert res.metrics["batch_size"] == 20 and res.metrics["num_batches"] == 8
+    assert res.metrics_out_of_sample["batch_size"] == 20 and res.metrics_out_of_sample["num_batches"] == 20
+    assert P.plan_placement(_trace(T=160), 2, solver="greedy", batch_size=40).metrics["num_batches"] == 4
+    assert "batch_size" not in P.plan_placement(P.expert_loads(_trace()), 2, solver="greedy").metrics
+    with pytest.raises(P.PlanInputError, match="batch_size must be a positive integer, got 0"):
+        P.plan_placement(_trace(), 2, solver="greedy", batch_size=0)
