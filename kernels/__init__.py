@@ -7,6 +7,9 @@ Exported (each Triton launcher has a pure-torch ``*_ref`` twin with the same sig
 
 * ``moe_mlp(x_TD, topk_ids_TK, topk_weights_TK, w_in_EHD, w_out_EDF, activation) -> y_TD``
   and ``moe_mlp_ref``: the grouped expert MLP (forward + autograd backward).
+* ``moe_mlp_sorted(x_ND, tokens_per_expert_E, w_in_EHD, w_out_EDF, activation) -> y_ND``: the
+  same on rows already sorted by expert (the experts' side of moekit's dispatch seam).
+* ``activation_ref`` / ``ACTIVATIONS``: the one activation table (``activations.py``).
 * ``route_topk(logits_TE, top_k, *, score_func, bias_E, n_group, topk_group, renormalize,
   scaling_factor) -> (topk_ids_TK, topk_weights_TK, counts_E)`` and ``route_topk_ref``.
 * ``moe_align(topk_ids_TK, num_experts, block_m=16) -> AlignedLayout`` and ``moe_align_ref``.
@@ -39,11 +42,12 @@ HAS_TRITON: bool = _triton_importable()
 _EXPORTS = {
     "moe_mlp": "grouped_mlp",
     "moe_mlp_ref": "grouped_mlp",
-    "activation_ref": "grouped_mlp",
+    "activation_ref": "activations",
     "pick_block_m": "grouped_mlp",
-    "ACTIVATIONS": "grouped_mlp",
+    "ACTIVATIONS": "activations",
+    "moe_mlp_sorted": "grouped_mlp",
     "route_topk": "routing",
-    "route_topk_ref": "routing",
+    "route_topk_ref": "topk",
     "moe_align": "align",
     "moe_align_ref": "align",
     "AlignedLayout": "align",

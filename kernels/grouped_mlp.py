@@ -58,11 +58,9 @@ import torch.nn.functional as Fn
 
 from ._triton_compat import (HAS_TRITON, INTERPRET, cdiv, check_runnable, dot_precision, tl,
                              interpreter_bf16_fix, triton)
+from .activations import ACTIVATIONS, activation_ref, check_activation
 from .align import moe_align, padded_size
 
-# name -> (is_glu, activation code used by the kernels: 0 silu, 1 exact gelu, 2 relu)
-ACTIVATIONS = {"swiglu": (True, 0), "geglu": (True, 1), "silu": (False, 0), "gelu": (False, 1),
-               "relu": (False, 2)}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -436,8 +434,7 @@ def _validate(x_TD, topk_ids_TK, topk_weights_TK, w_in_EHD, w_out_EDF, activatio
                     ("w_in_EHD", w_in_EHD), ("w_out_EDF", w_out_EDF)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    check_activation(activation)
     if x_TD.dim() != 2:
         raise ValueError(f"x_TD must be [T, D], got shape {tuple(x_TD.shape)}")
     if x_TD.dtype not in FLOAT_DTYPES:
@@ -460,7 +457,7 @@ def _validate(x_TD, topk_ids_TK, topk_weights_TK, w_in_EHD, w_out_EDF, activatio
     if w_out_EDF.dim() != 3 or w_out_EDF.shape[0] != E or w_out_EDF.shape[1] != D:
         raise ValueError(f"w_out_EDF must be [E={E}, D={D}, F], got shape {tuple(w_out_EDF.shape)}")
     F = w_out_EDF.shape[2]
-    glu = ACTIVATIONS[activation][0]
+    glu = ACTIVATIONS[activation].glu
     if H != (2 * F if glu else F):
         raise ValueError(f"w_in_EHD has H={H} rows but activation={activation!r} with F={F} needs "
                          f"H={2 * F if glu else F} ({'gate rows then up rows' if glu else 'H = F'})")
@@ -495,7 +492,7 @@ def _fwd_impl(x, ids, w, w_in, w_out, activation: str, block_m: int, save_pre: b
     F = w_out.shape[2]
     K = ids.shape[1]
     N = T * K
-    glu, act = ACTIVATIONS[activation]
+    glu, act = ACTIVATIONS[activation].glu, ACTIVATIONS[activation].code
     dev, dt = x.device, x.dtype
     lay = moe_align(ids, E, block_m)
     P = lay.padded_slots_P.numel()
@@ -536,7 +533,7 @@ def _bwd_impl(dy, x, ids, w, w_in, w_out, h, pre, padded_slots, block_expert, pa
     F = w_out.shape[2]
     K = ids.shape[1]
     N = T * K
-    glu, act = ACTIVATIONS[activation]
+    glu, act = ACTIVATIONS[activation].glu, ACTIVATIONS[activation].code
     dev, dt = x.device, x.dtype
     need_x, need_w, need_win, need_wout = needs
     # every element of dx / dw_in / dw_out is written by a kernel (experts without rows get
@@ -678,26 +675,37 @@ def moe_mlp(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torc
     return out[0]
 
 
+def moe_mlp_sorted(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_in_EHD: torch.Tensor,
+                   w_out_EDF: torch.Tensor, activation: str) -> torch.Tensor:
+    """The grouped expert MLP on rows already sorted by expert (what a token dispatcher hands
+    to the experts): rows ``[sum(counts[:e]), sum(counts[:e+1]))`` of ``x_ND [N, D]`` go to expert
+    ``e``; returns ``y_ND [N, D]`` unweighted, in the same row order.
+
+    The same kernels as :func:`moe_mlp`, with each row its own "token" routed to one expert
+    with weight 1 (exact: x * 1 and a one-term combine round nothing). ``tokens_per_expert_E``
+    (int [E]) must sum to N; that is checked where it costs no device sync (CPU tensors).
+    Differentiable w.r.t. ``x_ND``, ``w_in_EHD`` and ``w_out_EDF``.
+    """
+    if not isinstance(tokens_per_expert_E, torch.Tensor) or tokens_per_expert_E.dim() != 1:
+        raise ValueError("tokens_per_expert_E must be a 1-D integer tensor [E]")
+    if tokens_per_expert_E.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"tokens_per_expert_E must be int32 or int64, got {tokens_per_expert_E.dtype}")
+    E = w_in_EHD.shape[0] if isinstance(w_in_EHD, torch.Tensor) and w_in_EHD.dim() == 3 else None
+    if E is not None and tokens_per_expert_E.numel() != E:
+        raise ValueError(f"tokens_per_expert_E has {tokens_per_expert_E.numel()} entries for E={E} experts")
+    N = x_ND.shape[0] if isinstance(x_ND, torch.Tensor) and x_ND.dim() == 2 else None
+    if N is not None and tokens_per_expert_E.device.type == "cpu" and int(tokens_per_expert_E.sum()) != N:
+        raise ValueError(f"tokens_per_expert_E sums to {int(tokens_per_expert_E.sum())}, but x_ND has {N} rows")
+    dev = x_ND.device if isinstance(x_ND, torch.Tensor) else None
+    ids_N1 = torch.repeat_interleave(torch.arange(tokens_per_expert_E.numel(), device=dev),
+                                     tokens_per_expert_E.to(dev), output_size=N).unsqueeze(1)
+    ones_N1 = torch.ones(N if N is not None else 0, 1, dtype=torch.float32, device=dev)
+    return moe_mlp(x_ND, ids_N1, ones_N1, w_in_EHD, w_out_EDF, activation)
+
+
 # ---------------------------------------------------------------------------------------
 # pure-torch reference (tests, benchmarks, CPU fallback)
 # ---------------------------------------------------------------------------------------
-def activation_ref(a: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(a) for pre-activations a [..., H] (GLU: gate = first half, up = second half)."""
-    if activation == "swiglu":
-        gate, up = a.chunk(2, dim=-1)
-        return Fn.silu(gate) * up
-    if activation == "geglu":
-        gate, up = a.chunk(2, dim=-1)
-        return Fn.gelu(gate) * up
-    if activation == "silu":
-        return Fn.silu(a)
-    if activation == "gelu":
-        return Fn.gelu(a)
-    if activation == "relu":
-        return Fn.relu(a)
-    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-
-
 def moe_mlp_ref(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                 w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor, activation: str) -> torch.Tensor:
     """Pure-torch reference of :func:`moe_mlp` (one matmul pair per expert; autograd-able).

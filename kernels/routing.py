@@ -28,8 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._triton_compat import check_runnable, next_pow2, tl, triton
-
-SCORE_FUNCS = ("softmax", "sigmoid", "softmax_topk")
+from .topk import SCORE_FUNCS, _validate, route_topk_ref  # noqa: F401  (route_topk_ref: the twin)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -122,33 +121,6 @@ def _route_topk_kernel(
     tl.atomic_add(counts_ptr + offs_e, cnt, mask=e_ok)
 
 
-def _validate(logits_TE, top_k, score_func, bias_E, n_group, topk_group, scaling_factor):
-    if not isinstance(logits_TE, torch.Tensor) or logits_TE.dim() != 2:
-        raise ValueError(f"logits_TE must be a 2-D tensor [T, E], got "
-                         f"{getattr(logits_TE, 'shape', type(logits_TE))}")
-    if not logits_TE.is_floating_point():
-        raise ValueError(f"logits_TE must be floating point, got {logits_TE.dtype}")
-    T, E = logits_TE.shape
-    if score_func not in SCORE_FUNCS:
-        raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
-    if not isinstance(top_k, int) or not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
-    if bias_E is not None and (bias_E.dim() != 1 or bias_E.shape[0] != E):
-        raise ValueError(f"bias_E must have shape [E={E}], got {tuple(bias_E.shape)}")
-    if not isinstance(n_group, int) or n_group < 1 or E % n_group:
-        raise ValueError(f"n_group={n_group!r} must be a positive int dividing E={E}")
-    if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
-        raise ValueError(f"topk_group={topk_group!r} must be an int in [1, n_group={n_group}]")
-    if n_group > 1:
-        if E // n_group < 2:
-            raise ValueError(f"group-limited routing needs >= 2 experts per group, got E/n_group={E // n_group}")
-        if topk_group * (E // n_group) < top_k:
-            raise ValueError(f"topk_group={topk_group} groups of {E // n_group} experts cannot hold top_k={top_k}")
-    if not scaling_factor > 0:
-        raise ValueError(f"scaling_factor must be > 0, got {scaling_factor!r}")
-    return T, E
-
-
 def route_topk(logits_TE: torch.Tensor, top_k: int, *, score_func: str = "softmax",
                bias_E: Optional[torch.Tensor] = None, n_group: int = 1, topk_group: int = 1,
                renormalize: bool = True, scaling_factor: float = 1.0,
@@ -194,41 +166,3 @@ def _(logits_TE, bias_E, top_k, score_func, n_group, topk_group, renormalize, sc
     return (torch.empty(T, top_k, dtype=torch.int32, device=dev),
             torch.empty(T, top_k, dtype=torch.float32, device=dev),
             torch.empty(E, dtype=torch.int32, device=dev))
-
-
-def _stable_topk_idx(v: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries per row, ties toward the lower index."""
-    return torch.sort(v, dim=-1, descending=True, stable=True).indices[..., :k]
-
-
-def route_topk_ref(logits_TE: torch.Tensor, top_k: int, *, score_func: str = "softmax",
-                   bias_E: Optional[torch.Tensor] = None, n_group: int = 1, topk_group: int = 1,
-                   renormalize: bool = True, scaling_factor: float = 1.0,
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pure-torch reference of :func:`route_topk` (same outputs, same tie-breaking).
-    Differentiable w.r.t. ``logits_TE`` through ``topk_weights_TK``."""
-    T, E = _validate(logits_TE, top_k, score_func, bias_E, n_group, topk_group, scaling_factor)
-    logits = logits_TE.float()
-    if score_func == "softmax":
-        s = torch.softmax(logits, dim=-1)
-    elif score_func == "sigmoid":
-        s = torch.sigmoid(logits)
-    else:
-        s = logits
-    c = s.detach()
-    if bias_E is not None:
-        c = c + bias_E.detach().float()
-    if n_group > 1:
-        gs = c.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)  # [T, G]
-        gidx = _stable_topk_idx(gs, topk_group)
-        gmask = torch.zeros(T, n_group, dtype=torch.bool, device=c.device).scatter_(1, gidx, True)
-        c = c.masked_fill(~gmask.repeat_interleave(E // n_group, dim=1), float("-inf"))
-    idx = _stable_topk_idx(c, top_k)
-    w = s.gather(1, idx)
-    if score_func == "softmax_topk":
-        w = torch.softmax(w, dim=-1)
-    elif renormalize:
-        w = w / (w.sum(-1, keepdim=True) + (1e-20 if score_func == "sigmoid" else 0.0))
-    w = w * scaling_factor
-    counts = torch.bincount(idx.flatten(), minlength=E).to(torch.int32)
-    return idx.to(torch.int32), w, counts

@@ -16,15 +16,17 @@ __version__ = "0.1.0"
 _LAZY = {
     "MoELayer": "moekit.layer", "moe_layers": "moekit.layer",
     "register_bias_update_hook": "moekit.layer", "switch_aux_loss": "moekit.layer",
+    "set_aux_loss_scale": "moekit.layer",
     "Routing": "moekit.router", "TopKRouter": "moekit.router",
 }
-_LAZY_MODULES = ("trace", "hf", "demo", "experts", "layer", "router")
+_LAZY_MODULES = ("trace", "hf", "demo", "experts", "layer", "router", "dispatch")
 
 __all__ = ["MoEConfig", "PRESETS", *_LAZY, "trace", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from moekit import trace
-    from moekit.layer import MoELayer, moe_layers, register_bias_update_hook, switch_aux_loss
+    from moekit.layer import (MoELayer, moe_layers, register_bias_update_hook, set_aux_loss_scale,
+                              switch_aux_loss)
     from moekit.router import Routing, TopKRouter
 
 

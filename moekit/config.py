@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-Activation = Literal["swiglu", "geglu", "gelu", "relu", "silu"]
-GLU_ACTIVATIONS = ("swiglu", "geglu")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
-BACKENDS = ("auto", "loop", "grouped_mm", "triton")
+# torch-free here (``import moekit.planner`` must work without torch): the activation table
+# (moekit.kernels.activations) and the backend names (moekit.experts) are imported when a
+# config is validated.
+LOGIT_CHECKS = ("auto", "sync", "async", "off")
 
 
 @dataclass
@@ -53,6 +53,16 @@ class MoEConfig:
         z_loss_coef: ``coef * mean_t logsumexp(logits_t)^2`` (ST-MoE).
         bias_update_rate: aux-loss-free update ``b += rate * sign(mean(count) - count)``
             applied by :meth:`MoELayer.update_bias` (needs ``score_correction_bias``).
+
+    Compute:
+        backend: expert compute (``moekit.experts``): ``"auto"``, ``"loop"``, ``"cpu"``,
+            ``"grouped_mm"``, ``"triton"``.
+        check_logits: NaN/inf check of the router logits. ``"sync"``: raise
+            ``FloatingPointError`` naming the first bad token (reads the result on the host);
+            ``"async"``: ``torch._assert_async`` (no host sync; on CUDA a failure is a
+            device-side assert that ends the process); ``"off"``; ``"auto"``: ``sync`` on CPU,
+            where it costs no device round trip, ``async`` on accelerators and under
+            ``torch.compile``.
     """
 
     hidden_size: int
@@ -86,6 +96,7 @@ class MoEConfig:
     bias_update_rate: float = 0.0
     # compute
     backend: str = "auto"
+    check_logits: str = "auto"
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -93,11 +104,15 @@ class MoEConfig:
             _positive_int(name, getattr(self, name))
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
-        _choice("activation", self.activation, ACTIVATIONS)
+        from moekit.experts import BACKEND_CHOICES
+        from moekit.kernels.activations import check_activation
+
+        check_activation(self.activation)
         _choice("router", self.router, ("softmax", "sigmoid"))
         _choice("drop_policy", self.drop_policy, ("probs", "position"))
         _choice("aux_loss_norm", self.aux_loss_norm, ("hf", "megatron"))
-        _choice("backend", self.backend, BACKENDS)
+        _choice("backend", self.backend, BACKEND_CHOICES)
+        _choice("check_logits", self.check_logits, LOGIT_CHECKS)
         _positive_int("n_group", self.n_group)
         _positive_int("topk_group", self.topk_group)
         if self.num_experts % self.n_group:
@@ -142,7 +157,9 @@ class MoEConfig:
     @property
     def is_glu(self) -> bool:
         """Gated activations keep a stacked [gate; up] projection of 2F rows."""
-        return self.activation in GLU_ACTIVATIONS
+        from moekit.kernels.activations import ACTIVATIONS
+
+        return ACTIVATIONS[self.activation].glu
 
     @property
     def shared_hidden(self) -> int:

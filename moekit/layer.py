@@ -6,6 +6,7 @@ Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, B batch,
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -13,26 +14,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.dispatch import LocalDispatcher
 from moekit.experts import DenseMLP, GroupedExperts
 from moekit.router import Routing, TopKRouter, apply_capacity, expert_capacity
 
 RoutingObserver = Callable[["MoELayer", Routing], None]
+RoutingTransform = Callable[[Routing], Routing]
 
 
 class _AttachLoss(torch.autograd.Function):
-    """Identity on ``y`` whose backward also sends d(loss)=1 into ``loss`` (Megatron's
-    aux-loss autoscaler trick): the loss trains the router without changing ``forward``'s
-    return type. Gradients flow only where ``y`` reaches the final loss."""
+    """Identity on ``y`` whose backward also sends ``d(loss) = scale`` into ``loss`` (Megatron's
+    aux-loss autoscaler): the loss trains the router without changing ``forward``'s return
+    type. ``scale`` is read from the layer when backward runs, so it can be set after the
+    forward (see :func:`set_aux_loss_scale`). Gradients flow only where ``y`` reaches the
+    final loss."""
 
     @staticmethod
-    def forward(ctx, y, loss):
-        ctx.save_for_backward(loss)
+    def forward(ctx, y, loss, layer: "MoELayer"):
+        ctx.layer, ctx.loss_dtype = layer, loss.dtype
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):
-        (loss,) = ctx.saved_tensors
-        return grad_y, torch.ones_like(loss)
+        scale = ctx.layer.aux_loss_scale
+        grad_loss = torch.ones((), dtype=ctx.loss_dtype, device=grad_y.device)
+        if isinstance(scale, torch.Tensor):
+            grad_loss = grad_loss * scale.to(device=grad_y.device, dtype=ctx.loss_dtype)
+        elif scale != 1.0:
+            grad_loss = grad_loss * scale
+        return grad_y, grad_loss, None
 
 
 class MoELayer(nn.Module):
@@ -51,13 +61,17 @@ class MoELayer(nn.Module):
     ``shared_expert.w_out [D, S]``, ``shared_expert_gate.weight [1, D]``.
     """
 
-    def __init__(self, config: MoEConfig):
+    def __init__(self, config: MoEConfig, *, experts: Optional[nn.Module] = None,
+                 dispatcher: Optional[LocalDispatcher] = None):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         self.config = config
         self.router = TopKRouter(config)
-        self.experts = GroupedExperts(config)
+        self.experts = experts if experts is not None else GroupedExperts(config)
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        self.routing_transform: Optional[RoutingTransform] = None
+        self.aux_loss_scale: float | torch.Tensor = 1.0
         if config.num_shared_experts:
             self.shared_expert = DenseMLP(config.hidden_size, config.shared_hidden, config.activation,
                                           config.init_std)
@@ -92,14 +106,18 @@ class MoELayer(nn.Module):
         self.tokens_per_expert.copy_(routing.tokens_per_expert_E)
         for observe in self._observers:
             observe(self, routing)
-        y_TD = self.experts(x_TD, routing.topk_ids_TK, routing.topk_weights_TK.to(x_TD.dtype))
+        if self.routing_transform is not None:  # logical -> physical expert ids (placement, cache)
+            routing = self.routing_transform(routing)
+        x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TD, routing)
+        y_ND = self.experts(x_ND, tokens_per_expert_E)
+        y_TD = self.dispatcher.combine(y_ND, ctx)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
         if losses:
-            y_TD = _AttachLoss.apply(y_TD, sum(losses.values()))
+            y_TD = _AttachLoss.apply(y_TD, sum(losses.values()), self)
         return y_TD.view(shape)
 
     def _check_input(self, hidden: torch.Tensor) -> None:
@@ -110,9 +128,9 @@ class MoELayer(nn.Module):
         if hidden.dim() < 1 or hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"MoELayer input must have shape [..., D={self.config.hidden_size}], got {tuple(hidden.shape)}")
-        w = self.experts.w_in
-        if hidden.dtype != w.dtype and not torch.is_autocast_enabled(hidden.device.type):
-            raise TypeError(f"MoELayer input dtype {hidden.dtype} differs from the parameters' {w.dtype}; "
+        w_dtype = self.router.weight.dtype
+        if hidden.dtype != w_dtype and not torch.is_autocast_enabled(hidden.device.type):
+            raise TypeError(f"MoELayer input dtype {hidden.dtype} differs from the parameters' {w_dtype}; "
                             f"cast one of them (layer.to(dtype) or input.to(dtype))")
 
     # ---- losses -------------------------------------------------------------------------------
@@ -126,7 +144,8 @@ class MoELayer(nn.Module):
             return losses
         if cfg.aux_loss_coef > 0:
             losses["aux_loss"] = cfg.aux_loss_coef * switch_aux_loss(
-                routing.scores_TE, routing.topk_ids_TK, cfg.top_k, cfg.aux_loss_norm, cfg.router == "sigmoid")
+                routing.scores_TE, routing.topk_ids_TK, cfg.top_k, cfg.aux_loss_norm, cfg.router == "sigmoid",
+                counts_E=routing.tokens_per_expert_E)
         if cfg.seq_aux_loss_coef > 0:
             if len(shape) < 3:
                 raise ValueError(f"seq_aux_loss_coef needs input shaped [B, S, D], got {tuple(shape)}")
@@ -176,21 +195,23 @@ class MoELayer(nn.Module):
 
 
 def switch_aux_loss(scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, top_k: int, norm: str,
-                    normalize_scores: bool = False) -> torch.Tensor:
+                    normalize_scores: bool = False, counts_E: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e`` (unweighted).
 
     f_e: top-k selections of expert e per token, divided by T (``norm="hf"``, sums to K,
     equals HF's ``load_balancing_loss_func`` for one layer) or by T*K (``"megatron"``,
     sums to 1). P_e: mean router probability (sigmoid scores normalised per token first).
-    Ids of -1 are ignored.
+    Ids of -1 are ignored. ``counts_E`` (int [E], selections per expert) is counted from the
+    ids when not given (the layer passes the router's own count).
     """
     T, E = scores_TE.shape
     if T == 0:
         return scores_TE.sum() * 0.0
     if normalize_scores:
         scores_TE = scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
-    valid = topk_ids_TK >= 0
-    counts_E = torch.bincount(topk_ids_TK[valid], minlength=E).to(scores_TE.dtype)
+    if counts_E is None:
+        counts_E = torch.bincount(topk_ids_TK[topk_ids_TK >= 0], minlength=E)
+    counts_E = counts_E.to(scores_TE.dtype)
     f_E = counts_E / (T if norm == "hf" else T * top_k)
     P_E = scores_TE.mean(0)
     return E * (f_E * P_E).sum()
@@ -199,6 +220,36 @@ def switch_aux_loss(scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, top_k: i
 def moe_layers(model: nn.Module) -> Iterable[tuple[str, MoELayer]]:
     """(qualified name, layer) for every MoELayer inside ``model``, in module order."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, MoELayer))
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float | torch.Tensor) -> None:
+    """Scale the gradient that every MoELayer of ``model`` injects for its aux/z losses.
+
+    The losses ride in the graph through the layer output (Megatron's autoscaler), so their
+    gradient cannot see how the user scaled the main loss. Set ``scale`` to the factor the
+    backpropagated loss carries, and the result is as if the aux losses had been added to
+    the loss before that scaling:
+
+    - gradient accumulation over N micro-batches with ``(loss / N).backward()``: ``1 / N``;
+    - AMP: ``scaler.scale(loss).backward()``: ``scaler.get_scale()`` (or the scaler's scale
+      tensor, which avoids a host sync); with accumulation ``scaler.get_scale() / N``;
+    - ``(c * loss).backward()``: ``c``.
+
+    The scale is read when backward runs (default 1.0). It is a plain attribute of each
+    layer (``layer.aux_loss_scale``), not saved in the state dict.
+    """
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or not scale.is_floating_point():
+            raise ValueError(f"scale must be a float or a one-element float tensor, got {tuple(scale.shape)} "
+                             f"{scale.dtype}")
+        scale = scale.detach().reshape(())
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"scale must be a finite non-negative number, got {scale!r}")
+    layers = [m for _, m in moe_layers(model)]
+    if not layers:
+        raise ValueError("set_aux_loss_scale: the model has no MoELayer")
+    for layer in layers:
+        layer.aux_loss_scale = scale
 
 
 def register_bias_update_hook(optimizer: torch.optim.Optimizer, model: nn.Module,

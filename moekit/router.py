@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.kernels.topk import select_topk
 
 
 @dataclass
@@ -23,7 +24,9 @@ class Routing:
     topk_weights_TK: fp32 [T, K] combine weights (0 where dropped).
     logits_TE: fp32 [T, E] raw router logits (after noise, before bias).
     scores_TE: fp32 [T, E] softmax probabilities or sigmoid scores (the aux loss's ``P``).
-    tokens_per_expert_E: int64 [E] kept assignments per expert.
+    tokens_per_expert_E: int64 [E] kept assignments per expert (counted once, by the router,
+        and kept up to date by whoever drops or remaps assignments).
+    num_dropped: assignments marked ``-1`` (a host int: the sizes downstream depend on it).
     """
 
     topk_ids_TK: torch.Tensor
@@ -31,6 +34,7 @@ class Routing:
     logits_TE: torch.Tensor
     scores_TE: torch.Tensor
     tokens_per_expert_E: torch.Tensor
+    num_dropped: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -58,14 +62,10 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=config.init_std)
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [T, E]; raises on NaN/inf so a diverged model fails loudly."""
+        """fp32 logits [T, E], checked for NaN/inf as ``config.check_logits`` says."""
         bias = self.bias.float() if self.bias is not None else None
         logits_TE = F.linear(x_TD.float(), self.weight.float(), bias)
-        if not torch.isfinite(logits_TE).all():
-            bad = (~torch.isfinite(logits_TE)).any(-1).nonzero().flatten()
-            raise FloatingPointError(
-                f"router logits contain NaN/inf for {bad.numel()} of {logits_TE.shape[0]} tokens "
-                f"(first token index {int(bad[0])}); check the input and the router weights")
+        _check_finite(logits_TE, self.config.check_logits)
         if self.training and self.config.router_logit_noise > 0:
             logits_TE = logits_TE + torch.randn_like(logits_TE) * self.config.router_logit_noise
         return logits_TE
@@ -74,42 +74,34 @@ class TopKRouter(nn.Module):
         """x_TD: [T, D] -> Routing (no capacity applied yet)."""
         cfg = self.config
         logits_TE = self.compute_logits(x_TD)
-        if cfg.router == "softmax":
+        score_func = "sigmoid" if cfg.router == "sigmoid" else "softmax_topk" if cfg.topk_before_softmax else "softmax"
+        scores_TE, ids_TK, weights_TK = select_topk(
+            logits_TE, cfg.top_k, score_func=score_func, bias_E=self.e_score_correction_bias,
+            n_group=cfg.n_group, topk_group=cfg.topk_group, renormalize=cfg.norm_topk_prob,
+            scaling_factor=cfg.routed_scaling_factor)
+        if score_func == "softmax_topk":  # selection ran on raw logits; the aux loss's P is the softmax
             scores_TE = logits_TE.softmax(dim=-1)
-            if cfg.topk_before_softmax:
-                top_logits_TK, ids_TK = logits_TE.topk(cfg.top_k, dim=-1)
-                weights_TK = top_logits_TK.softmax(dim=-1)
-            else:
-                weights_TK, ids_TK = scores_TE.topk(cfg.top_k, dim=-1)
-                if cfg.norm_topk_prob:
-                    weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        else:
-            scores_TE = logits_TE.sigmoid()
-            choice_TE = scores_TE
-            if self.e_score_correction_bias is not None:
-                choice_TE = scores_TE + self.e_score_correction_bias
-            if cfg.n_group > 1:
-                choice_TE = _group_limited_mask(choice_TE, cfg.n_group, cfg.topk_group)
-            ids_TK = choice_TE.topk(cfg.top_k, dim=-1).indices
-            weights_TK = scores_TE.gather(1, ids_TK)
-            if cfg.norm_topk_prob:
-                weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        if cfg.routed_scaling_factor != 1.0:
-            weights_TK = weights_TK * cfg.routed_scaling_factor
         counts_E = torch.bincount(ids_TK.flatten(), minlength=cfg.num_experts)
         return Routing(ids_TK, weights_TK, logits_TE, scores_TE, counts_E)
 
 
-def _group_limited_mask(choice_TE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
-    """Mask (to -inf) experts outside each token's best ``topk_group`` groups; a group
-    scores the sum of its two best choice scores (DeepSeek-V3)."""
-    T, E = choice_TE.shape
-    grouped_TGe = choice_TE.view(T, n_group, E // n_group)
-    group_scores_TG = grouped_TGe.topk(2, dim=-1).values.sum(-1)
-    keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
-    keep_TG.scatter_(1, group_scores_TG.topk(topk_group, dim=-1).indices, True)
-    keep_TE = keep_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
-    return choice_TE.masked_fill(~keep_TE, float("-inf"))
+def _check_finite(logits_TE: torch.Tensor, mode: str) -> None:
+    """The router's NaN/inf guard (see ``MoEConfig.check_logits``): a diverged model fails
+    loudly, without a host sync per layer where one would cost a device round trip."""
+    if mode == "off" or logits_TE.numel() == 0:
+        return
+    if mode == "auto":
+        mode = "sync" if logits_TE.device.type == "cpu" and not torch.compiler.is_compiling() else "async"
+    if mode == "async":
+        torch._assert_async(torch.isfinite(logits_TE).all(),
+                            "moekit: router logits contain NaN/inf; check the input and the router weights")
+        return
+    finite_T = torch.isfinite(logits_TE).all(-1)
+    if not bool(finite_T.all()):
+        bad = (~finite_T).nonzero().flatten()
+        raise FloatingPointError(
+            f"router logits contain NaN/inf for {bad.numel()} of {logits_TE.shape[0]} tokens "
+            f"(first token index {int(bad[0])}); check the input and the router weights")
 
 
 # ---- capacity -------------------------------------------------------------------------------
@@ -164,5 +156,6 @@ def apply_capacity(routing: Routing, capacity: Optional[int], drop_policy: str) 
     keep_TK = keep.view(T, K)
     new_ids = ids_TK.masked_fill(~keep_TK, -1)
     new_weights = weights_TK.masked_fill(~keep_TK, 0.0)
-    counts_E = torch.bincount(new_ids[keep_TK], minlength=E)
-    return Routing(new_ids, new_weights, routing.logits_TE, routing.scores_TE, counts_E)
+    counts_E = torch.minimum(routing.tokens_per_expert_E, torch.full_like(routing.tokens_per_expert_E, capacity))
+    num_dropped = int(routing.tokens_per_expert_E.sum()) - int(counts_E.sum())
+    return Routing(new_ids, new_weights, routing.logits_TE, routing.scores_TE, counts_E, num_dropped)

@@ -94,8 +94,7 @@ class TraceRecorder:
 
 
 def _expert_bytes(layer: MoELayer) -> int:
-    e = layer.experts
-    per = (e.w_in[0].numel() + e.w_out[0].numel()) * e.w_in.element_size()
+    per = layer.experts.bytes_per_expert
     return int(per)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit import MoEConfig, MoELayer, register_bias_update_hook, switch_aux_loss
-from moekit.experts import activate
+from moekit.kernels.activations import activation_ref as activate
 from moekit.router import apply_capacity, expert_capacity
 
 
@@ -104,27 +104,29 @@ def test_layer_output_matches_token_by_token_reference():
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu"])
 @pytest.mark.parametrize("shape", [(1, 24), (7, 24), (130, 24)])
 def test_backends_agree_outputs_and_grads(activation, shape):
-    """grouped_mm vs loop in fp32: outputs, input grads and every parameter grad."""
+    """cpu and grouped_mm vs loop in fp32: outputs, input grads and every parameter grad."""
     T, D = shape
     cfg = MoEConfig(hidden_size=D, ffn_hidden_size=40, num_experts=5, top_k=3, activation=activation,
                     num_shared_experts=1, aux_loss_coef=0.01, z_loss_coef=0.001)
     results = []
-    for backend in ("loop", "grouped_mm"):
+    for backend in ("loop", "cpu", "grouped_mm"):
         layer = _make(cfg.replace(backend=backend), dtype=torch.float32)
         torch.manual_seed(1)
         x = torch.randn(T, D, requires_grad=True)
         y = layer(x)
         (y * torch.linspace(-1, 1, D)).sum().backward()
         results.append((y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}))
-    (y0, gx0, gp0), (y1, gx1, gp1) = results
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
-    for n in gp0:
-        torch.testing.assert_close(gp1[n], gp0[n], rtol=1e-5, atol=1e-6, msg=n)
+    y0, gx0, gp0 = results[0]
+    for y1, gx1, gp1 in results[1:]:
+        torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+        for n in gp0:
+            torch.testing.assert_close(gp1[n], gp0[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_zero_token_expert_and_all_tokens_on_one_expert():
-    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=6, top_k=1, backend="grouped_mm")
+@pytest.mark.parametrize("backend", ["loop", "cpu", "grouped_mm"])
+def test_zero_token_expert_and_all_tokens_on_one_expert(backend):
+    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=6, top_k=1, backend=backend)
     layer = _make(cfg, dtype=torch.float32)
     with torch.no_grad():  # expert 4 always wins: every token on one expert, five experts empty
         layer.router.weight.zero_()
@@ -141,7 +143,7 @@ def test_zero_token_expert_and_all_tokens_on_one_expert():
 def test_parameters_after_optimizer_steps_agree_between_backends():
     cfg = MoEConfig(hidden_size=20, ffn_hidden_size=12, num_experts=7, top_k=2, aux_loss_coef=0.01)
     params = []
-    for backend in ("loop", "grouped_mm"):
+    for backend in ("loop", "cpu", "grouped_mm"):
         layer = _make(cfg.replace(backend=backend), dtype=torch.float32)
         opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
         torch.manual_seed(3)
@@ -152,8 +154,9 @@ def test_parameters_after_optimizer_steps_agree_between_backends():
             loss.backward()
             opt.step()
         params.append(dict(layer.named_parameters()))
-    for n, p in params[0].items():
-        torch.testing.assert_close(params[1][n], p, rtol=1e-5, atol=1e-6, msg=n)
+    for other in params[1:]:
+        for n, p in params[0].items():
+            torch.testing.assert_close(other[n], p, rtol=1e-5, atol=1e-6, msg=n)
 
 
 # ---- capacity --------------------------------------------------------------------------------

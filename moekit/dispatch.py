@@ -1,0 +1,91 @@
+"""Token dispatchers: the seam between routing and the experts (Megatron-Core's MoETokenDispatcher).
+
+Legend: T tokens, D model dim, E experts, K top-k, N kept (token, slot) assignments (N <= T*K).
+
+A dispatcher has two calls around the experts' compute::
+
+    dispatch(x_TD, routing) -> (x_ND, tokens_per_expert_E, ctx)   # rows sorted by expert
+    combine(y_ND, ctx)      -> y_TD                               # routing weights applied
+
+:class:`LocalDispatcher` keeps every row on this process. An expert-parallel dispatcher
+(all-to-all between ranks) implements the same two calls, so the layer, the experts and
+their backends do not change.
+
+Both directions are exact data movement. The gather's backward places each row's gradient
+back in (token, slot) order and sums over K in a fixed order (no scatter-add, no atomics),
+and the combine is a fixed-order weighted sum over K, so results are deterministic on every
+device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.router import Routing
+
+
+@dataclass
+class DispatchContext:
+    """What :meth:`LocalDispatcher.combine` needs from its :meth:`~LocalDispatcher.dispatch`.
+
+    order_N: int64 [N] flat (token, slot) position ``t*K + k`` of each sorted row.
+    topk_weights_TK: [T, K] combine weights (0 where dropped).
+    num_dropped: assignments dropped by capacity (their slots stay zero).
+    """
+
+    order_N: torch.Tensor
+    topk_weights_TK: torch.Tensor
+    num_dropped: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_weights_TK.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_weights_TK.shape[1]
+
+
+class LocalDispatcher:
+    """Sorts the kept (token, slot) assignments by expert (stable: token order within an
+    expert) and gathers their rows; ``combine`` puts the expert outputs back and weights them."""
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
+        """x_TD [T, D] -> (x_ND [N, D] sorted by expert, tokens_per_expert_E int64 [E], ctx)."""
+        T, K = routing.topk_ids_TK.shape
+        order_N = torch.sort(routing.topk_ids_TK.reshape(-1), stable=True).indices
+        if routing.num_dropped:
+            order_N = order_N[routing.num_dropped:]  # dropped slots (-1) sort first
+        x_ND = _GatherRows.apply(x_TD, order_N, K)
+        return x_ND, routing.tokens_per_expert_E, DispatchContext(order_N, routing.topk_weights_TK,
+                                                                  routing.num_dropped)
+
+    def combine(self, y_ND: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
+        """y_ND [N, D] (unweighted expert outputs) -> y_TD [T, D] = sum_k w[t, k] * y[slot (t, k)]."""
+        T, K, D = ctx.num_tokens, ctx.top_k, y_ND.shape[-1]
+        slots = y_ND.new_zeros(T * K, D) if ctx.num_dropped else y_ND.new_empty(T * K, D)
+        slots_TKD = slots.index_copy(0, ctx.order_N, y_ND).view(T, K, D)
+        w_T1K = ctx.topk_weights_TK.to(y_ND.dtype).unsqueeze(1)
+        return torch.bmm(w_T1K, slots_TKD).squeeze(1)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x_ND = x_TD[order_N // K]`` whose backward sums each token's K slot gradients in slot
+    order (exact and deterministic, unlike a scatter-add). The backward is itself made of
+    differentiable ops, so higher-order gradients are exact too."""
+
+    @staticmethod
+    def forward(ctx, x_TD, order_N, K: int):
+        ctx.save_for_backward(order_N)
+        ctx.T, ctx.K = x_TD.shape[0], K
+        return x_TD.index_select(0, torch.div(order_N, K, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (order_N,) = ctx.saved_tensors
+        T, K = ctx.T, ctx.K
+        slots = grad_ND.new_zeros(T * K, grad_ND.shape[-1]) if order_N.numel() < T * K else \
+            grad_ND.new_empty(T * K, grad_ND.shape[-1])
+        grad_TD = slots.index_copy(0, order_N, grad_ND).view(T, K, -1).sum(1)
+        return grad_TD, None, None
