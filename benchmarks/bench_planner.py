@@ -92,8 +92,8 @@ def dp_dual_bound(stats, G: int, S: int, greedy_layer_max: np.ndarray, slack: fl
 
 def target1(tdir: Path, time_limit: float, slack: float, jobs: int) -> list[dict]:
     mix = tdir / "mixtral"
-    train = P.read_trace(mix / "experts_coding_mixtral.json")
-    test = P.read_trace(mix / "experts_math_mixtral.json")
+    train = P.trace_stats(P.read_trace(mix / "experts_coding_mixtral.json"))   # loads + transitions, once
+    test = P.trace_stats(P.read_trace(mix / "experts_math_mixtral.json"))
     out = []
     for G in (4, 8):
         g = P.plan_placement(train, G, solver="greedy", score_on=test)
@@ -111,12 +111,11 @@ def target1(tdir: Path, time_limit: float, slack: float, jobs: int) -> list[dict
                "solve_s": wall, "exact_traffic_dp": i.info.get("exact_traffic_dp")}
         row["cut"] = 1 - row["ilp_cross"] / row["greedy_cross"]
         row["cut_oos"] = 1 - row["ilp_cross_oos"] / row["greedy_cross_oos"]
-        st = P.trace_stats(train)
         if G == 8:      # one expert per GPU: exact optimum (load is the same for every placement)
-            b = s1_traffic_bound(st.trans)
+            b = s1_traffic_bound(train.trans)
         else:           # Lagrangian dual bound under max/mean <= greedy + slack
-            gl = g.placement.gpu_loads(st.loads).max(axis=1)
-            b = dp_dual_bound(st, G, 8 // G, gl, slack) if i.info.get("greedy_max_mean_load", 0) <= \
+            gl = g.placement.gpu_loads(train.loads).max(axis=1)
+            b = dp_dual_bound(train, G, 8 // G, gl, slack) if i.info.get("greedy_max_mean_load", 0) <= \
                 i.info.get("solver_bound_max_mean_load", 0) + 1e-9 else float("nan")
         row["cross_lower_bound"] = b
         row["max_possible_cut"] = 1 - b / row["greedy_cross"]
@@ -137,7 +136,7 @@ def target1(tdir: Path, time_limit: float, slack: float, jobs: int) -> list[dict
 def target2(tdir: Path, time_limit: float, jobs: int) -> list[dict]:
     out = []
     for name in ("qwen", "gemma"):
-        tr = P.read_trace(tdir / f"{name}.route.csv")
+        tr = P.trace_stats(P.read_trace(tdir / f"{name}.route.csv"))
         E = tr.num_experts
         for G in (8, 16, 32):
             for red in (0.0, 0.25):

@@ -229,7 +229,7 @@ def format_table(results: list[PlanResult]) -> str:
             rows.append(row)
     widths = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return "\n".join(line(r).rstrip() for r in [head, ["-" * w for w in widths], *rows])
 
 
 def _migration_cell(m: dict) -> str:
