@@ -45,12 +45,36 @@ def stdlib_corpus(max_bytes: int = 8 << 20) -> bytes:
     return b"\n".join(chunks)[:max_bytes]
 
 
+VAL_FRACTION = 0.05  # share of the corpus ByteBatches holds out for validation
+
+
+def split_sizes(n_bytes: int, seq_len: int, val_fraction: float = VAL_FRACTION) -> tuple[int, int]:
+    """(train, validation) bytes that :class:`ByteBatches` makes of an ``n_bytes`` corpus."""
+    n_val = max(int(n_bytes * val_fraction), seq_len + 2)
+    return n_bytes - n_val, n_val
+
+
+def min_corpus_bytes(seq_len: int, val_fraction: float = VAL_FRACTION) -> int:
+    """Smallest corpus whose train and validation splits each hold a window of
+    ``seq_len + 1`` bytes at more than one start."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n = 2 * seq_len + 4
+    while split_sizes(n, seq_len, val_fraction)[0] < seq_len + 2:
+        n += 1
+    return n
+
+
 class ByteBatches:
     """Random windows of a byte corpus: ``(inputs [B, S], targets [B, S])`` int64."""
 
-    def __init__(self, corpus: bytes, batch_size: int, seq_len: int, val_fraction: float = 0.05, seed: int = 0):
+    def __init__(self, corpus: bytes, batch_size: int, seq_len: int, val_fraction: float = VAL_FRACTION,
+                 seed: int = 0):
+        if len(corpus) < min_corpus_bytes(seq_len, val_fraction):
+            raise ValueError(f"a corpus of {len(corpus)} bytes is too small for seq_len={seq_len}: it needs "
+                             f"at least {min_corpus_bytes(seq_len, val_fraction)} bytes")
         data = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
-        n_val = max(int(len(data) * val_fraction), seq_len + 2)
+        n_val = split_sizes(len(data), seq_len, val_fraction)[1]
         self.train, self.val = data[:-n_val], data[-n_val:]
         self.batch_size, self.seq_len = batch_size, seq_len
         self.gen = torch.Generator().manual_seed(seed)

@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# Runs the main job from nothing: creates .venv (if absent), installs moekit, runs `moekit demo`.
+# Runs the main job from nothing: creates .venv (if absent), installs torch==2.13.0's CPU build
+# and moekit (scripts/_venv.sh says where torch comes from), then runs `moekit demo` with the
+# arguments given (see `moekit demo --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e .
+source scripts/_venv.sh ""
 exec .venv/bin/moekit demo "$@"

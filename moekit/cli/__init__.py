@@ -20,12 +20,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def version() -> str:
+    """moekit's version: ``moekit.__version__``, which the build reads into the package
+    metadata (pyproject: ``version = {attr = "moekit.__version__"}``)."""
+    from moekit import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit",
         description="moekit: Mixture-of-Experts training and serving toolkit for PyTorch.",
+        epilog="Run `moekit COMMAND --help` for the flags of one command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"moekit {version()}",
+                        help="print moekit's version and exit")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v: INFO, -vv: DEBUG)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,15 +1,34 @@
 """`moekit demo`: train a byte-level MoE LM on the stdlib's source, show expert load,
-record a routing trace of the trained model and plan an expert placement from it."""
+record a routing trace of the trained model and plan an expert placement from it.
+
+Every flag is checked before any work starts (a bad value, a --top-k above --experts, an
+--out-dir that cannot be written): the error names the flag and the exit code is 2."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import math
+import os
 import platform
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger("moekit.demo")
+
+# files the demo writes into --out-dir
+OUT_FILES = ("model.pt", "routing.trace.npz", "placement.json")
+
+# library names (MoEConfig fields, ByteMoELM and planner arguments) -> the demo's flags,
+# so an error raised by the library reads in the user's terms
+FIELD_FLAGS = {
+    "hidden_size": "--d-model", "ffn_hidden_size": "--ffn", "num_experts": "--experts",
+    "top_k": "--top-k", "aux_loss_coef": "--aux-loss-coef", "backend": "--backend",
+    "n_heads": "--heads", "max_seq_len": "--seq-len", "seq_len": "--seq-len", "num_gpus": "--plan-gpus",
+}
 
 
 def add_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -18,30 +37,121 @@ def add_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="training steps")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="bytes per sequence")
-    p.add_argument("--d-model", type=int, default=128, help="model width D")
+    p.add_argument("--d-model", type=int, default=128, help="model width D (a multiple of --heads)")
     p.add_argument("--layers", type=int, default=4, help="decoder blocks (each with one MoE layer)")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer E")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token K")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token K (at most --experts)")
     p.add_argument("--ffn", type=int, default=256, help="expert hidden size F")
-    p.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight")
+    p.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight (>= 0)")
     p.add_argument("--backend", default="auto", choices=["auto", "loop", "grouped_mm", "triton"],
-                   help="expert compute backend")
+                   help="expert compute backend (auto: grouped_mm where torch has it, else loop); the demo "
+                        "runs on CPU, where triton needs TRITON_INTERPRET=1 set (slow)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    p.add_argument("--corpus-mb", type=float, default=8.0, help="MiB of stdlib source to train on")
+    p.add_argument("--corpus-mb", type=float, default=8.0,
+                   help="MiB of Python stdlib source to train on (5%% of it held out for validation)")
     p.add_argument("--trace-batches", type=int, default=8, help="validation batches recorded into the trace")
     p.add_argument("--plan-gpus", type=int, default=4,
-                   help="GPUs to plan an expert placement for from the recorded trace (0: skip planning)")
-    p.add_argument("--sample-bytes", type=int, default=160, help="bytes of text sampled from the trained model")
+                   help="GPUs to plan an expert placement for from the recorded trace; must divide "
+                        "--experts (0: skip planning)")
+    p.add_argument("--sample-bytes", type=int, default=160,
+                   help="bytes of text sampled from the trained model (0: no sample)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out-dir", type=Path, default=Path("moekit-demo"),
-                   help="where the checkpoint, trace and placement are written")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+                   help="folder for " + ", ".join(OUT_FILES) + "; created if missing and checked for "
+                        "writing before training starts")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is drawn only when stderr is a terminal); the loss lines "
+                        "are printed either way")
     return p
 
 
+def flag_hint(message: str) -> str:
+    """Rewrite library names in an error message as the demo's flags:
+    ``top_k=9 exceeds num_experts=8`` -> ``--top-k 9 exceeds --experts 8``. A name is rewritten
+    where it is followed by ``=`` or is an identifier (holds ``_``), so plain words stay."""
+    names = "|".join(sorted(FIELD_FLAGS, key=len, reverse=True))
+    message = re.sub(rf"\b({names})=(['\"]?)([^\s,;)'\"]*)\2",
+                     lambda m: f"{FIELD_FLAGS[m.group(1)]} {m.group(3)}", message)
+    idents = "|".join(n for n in sorted(FIELD_FLAGS, key=len, reverse=True) if "_" in n)
+    return re.sub(rf"\b({idents})\b", lambda m: FIELD_FLAGS[m.group(1)], message)
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """Every check that needs no work done: the first problem, in the flags' terms, or None."""
+    for name in ("steps", "batch_size", "seq_len", "d_model", "layers", "heads", "experts", "top_k", "ffn",
+                 "trace_batches"):
+        if getattr(args, name) < 1:
+            return f"{_flag(name)} must be >= 1, got {getattr(args, name)}"
+    for name in ("plan_gpus", "sample_bytes", "threads"):
+        if getattr(args, name) < 0:
+            return f"{_flag(name)} must be >= 0, got {getattr(args, name)}"
+    for name, low in (("lr", "> 0"), ("corpus_mb", "> 0"), ("aux_loss_coef", ">= 0")):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and (v > 0 if low == "> 0" else v >= 0)):
+            return f"{_flag(name)} must be a finite number {low}, got {v}"
+    if args.top_k > args.experts:
+        return f"--top-k {args.top_k} exceeds --experts {args.experts} (each token picks K of the E experts)"
+    if args.d_model % args.heads:
+        return f"--d-model {args.d_model} must be divisible by --heads {args.heads}"
+    if args.plan_gpus and args.experts % args.plan_gpus:
+        divisors = [g for g in range(1, args.experts + 1) if args.experts % g == 0]
+        return (f"--plan-gpus {args.plan_gpus} does not divide --experts {args.experts} (each GPU holds "
+                f"E/G experts); pass --plan-gpus one of {divisors}, or --plan-gpus 0 to skip planning")
+    from moekit.demo import min_corpus_bytes
+
+    corpus_bytes = int(args.corpus_mb * (1 << 20))
+    if corpus_bytes < min_corpus_bytes(args.seq_len):
+        return (f"--corpus-mb {args.corpus_mb} ({corpus_bytes} bytes) is too small for --seq-len "
+                f"{args.seq_len}: it needs at least {min_corpus_bytes(args.seq_len)} bytes")
+    if args.backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "--backend triton needs triton (pip install 'moekit[triton]'); or use --backend auto"
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            return ("--backend triton: the demo runs on CPU, where Triton kernels run only in the interpreter; "
+                    "set TRITON_INTERPRET=1 (slow) or use --backend auto, loop or grouped_mm")
+    from moekit.config import MoEConfig  # the config's own rules, in the flags' terms
+
+    try:
+        _moe_config(args, MoEConfig)
+    except (TypeError, ValueError) as exc:
+        return flag_hint(str(exc))
+    return check_out_dir(args.out_dir)
+
+
+def check_out_dir(out_dir: Path) -> str | None:
+    """Make --out-dir before the work starts and prove it takes a file; the problem, or None."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"--out-dir {out_dir} exists and is not a directory"
+    except NotADirectoryError:
+        return f"--out-dir {out_dir}: a part of that path is a file, not a directory"
+    except OSError as exc:
+        return f"--out-dir {out_dir} cannot be created: {exc.strerror or exc}"
+    if not out_dir.is_dir():  # e.g. a link to a file
+        return f"--out-dir {out_dir} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        return f"--out-dir {out_dir} is not writable: {exc.strerror or exc}"
+    for name in OUT_FILES:
+        target = out_dir / name
+        if target.is_dir():
+            return f"--out-dir {out_dir}: {name} there is a directory; the demo writes a file of that name"
+        if target.exists() and not os.access(target, os.W_OK):
+            return f"--out-dir {out_dir}: {name} there is not writable"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = check_args(args)
+    if problem:
+        print(f"moekit demo: error: {problem}", file=sys.stderr)
+        return 2
+
     import torch
     from tqdm import tqdm
 
@@ -49,35 +159,36 @@ def run(args: argparse.Namespace) -> int:
     from moekit.demo import ByteBatches, ByteMoELM, load_table, stdlib_corpus, train
     from moekit.trace import record
 
-    for name in ("steps", "batch_size", "seq_len", "d_model", "layers", "heads", "experts", "top_k", "ffn"):
-        if getattr(args, name) < 1:
-            print(f"moekit demo: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
-            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
-        moe = MoEConfig(hidden_size=args.d_model, ffn_hidden_size=args.ffn, num_experts=args.experts,
-                        top_k=args.top_k, aux_loss_coef=args.aux_loss_coef, backend=args.backend)
-        model = ByteMoELM(moe, n_layers=args.layers, n_heads=args.heads, max_seq_len=args.seq_len)
-    except ValueError as exc:
-        print(f"moekit demo: {exc}", file=sys.stderr)
+        model = ByteMoELM(_moe_config(args, MoEConfig), n_layers=args.layers, n_heads=args.heads,
+                          max_seq_len=args.seq_len)
+    except (TypeError, ValueError) as exc:  # a rule check_args does not know yet
+        print(f"moekit demo: error: {flag_hint(str(exc))}", file=sys.stderr)
         return 2
     corpus = stdlib_corpus(int(args.corpus_mb * (1 << 20)))
-    batches = ByteBatches(corpus, args.batch_size, args.seq_len, seed=args.seed)
+    try:
+        batches = ByteBatches(corpus, args.batch_size, args.seq_len, seed=args.seed)
+    except ValueError as exc:  # this Python's stdlib holds less source than --corpus-mb asked for
+        print(f"moekit demo: error: the standard library's source: {flag_hint(str(exc))}", file=sys.stderr)
+        return 2
     n_params = sum(p.numel() for p in model.parameters())
     print(f"moekit demo: {n_params / 1e6:.2f}M parameters, {args.layers} MoE layers x {args.experts} experts "
           f"(top-{args.top_k}), corpus {len(corpus) / 2**20:.1f} MiB of Python stdlib source, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
 
-    bar = tqdm(total=args.steps, desc="training", unit="step", disable=args.no_progress, file=sys.stdout)
+    # the bar goes to stderr and only to a terminal: logs and pipes get the loss lines alone
+    bar = tqdm(total=args.steps, desc="training", unit="step", file=sys.stderr,
+               disable=args.no_progress or not sys.stderr.isatty())
     every = max(args.steps // 10, 1)
 
     def on_step(step: int, loss: float) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % every == 0 or step == 0:
-            bar.write(f"step {step + 1:5d}  loss {loss:.4f}")
+            tqdm.write(f"step {step + 1:5d}  loss {loss:.4f}", file=sys.stdout)
 
     result = train(model, batches, args.steps, lr=args.lr, on_step=on_step)
     bar.close()
@@ -109,6 +220,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _moe_config(args: argparse.Namespace, config_cls):
+    return config_cls(hidden_size=args.d_model, ffn_hidden_size=args.ffn, num_experts=args.experts,
+                      top_k=args.top_k, aux_loss_coef=args.aux_loss_coef, backend=args.backend)
+
+
 def _plan_step(trace_path: Path, gpus: int, out_dir: Path) -> dict:
     """Plan a placement on the recorded trace with the library calls behind `moekit plan`:
     contiguous, round-robin, greedy and ILP side by side; the ILP plan is written."""
@@ -119,9 +239,9 @@ def _plan_step(trace_path: Path, gpus: int, out_dir: Path) -> dict:
           f"(same as: moekit plan --trace {trace_path} --gpus {gpus}):")
     try:
         results = planner.compare_placements(trace, num_gpus=gpus, time_limit=20.0)
-    except ValueError as exc:  # e.g. experts that do not divide over the GPUs
-        print(f"planning skipped: {exc}")
-        return {"skipped": str(exc)}
+    except ValueError as exc:  # check_args rules out experts that do not divide over the GPUs
+        print(f"planning skipped: {flag_hint(str(exc))}")
+        return {"skipped": flag_hint(str(exc))}
     print(planner.format_table(results))
     best = results[-1]
     out = out_dir / "placement.json"
