@@ -4,7 +4,9 @@
 Variants (each built from the weights of one seeded ``MoELayer``; outputs checked before timing):
 
 - ``moekit``         MoELayer with the best CPU backend (``resolve_backend("auto", cpu)``; for
-                     ``grouped_mm`` the profiled warm-up must show its CPU Function).
+                     ``cpu`` the profiled warm-up must show its CPU Function).
+- ``moekit_other_schedule``  the same layer with the ``cpu`` backend's other schedule (workers
+                     <-> inline parallel GEMMs), to show what the schedule choice is worth.
 - ``hf_eager``       HF transformers' SparseMoeBlock (OLMoE or Mixtral) with
                      ``config._experts_implementation = "eager"`` (per-expert loop, index_add_).
 - ``hf_grouped_mm``  the same block with ``_experts_implementation = "grouped_mm"``. Which one ran
@@ -29,13 +31,25 @@ a variant stops after ``--min-reps`` rounds once it has used ``--variant-budget`
 Peak memory: the first warm-up step of each variant runs under ``torch.profiler`` with
 ``profile_memory=True``; the reported peak is the largest net amount of torch CPU tensor memory
 allocated during that step above what was live when it began (activations, saved tensors,
-outputs, gradients; not weights or the input, which exist before the step). moekit's buffer
-pool is emptied before each profiled step, so the buffers it reuses in later steps count here;
-what the pool holds idle after the timed rounds is reported beside the load average.
+outputs, gradients; not weights or the input, which exist before the step).
+
+Allocator settings: how the C allocator serves large blocks decides a good part of a CPU step
+(glibc ``mmap``-s every block above 32 MiB fresh and page-faults it in again each step). So
+every setting in ``--allocators`` runs as its own child process in which *every* variant,
+floor included, runs under that one setting:
+
+- ``default``: the process's allocator as started (glibc with its defaults here);
+- ``neutral``: glibc tunables that keep freed memory in the heap (``MALLOC_MMAP_MAX_=0``,
+  ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_`` of 64 GiB / 1 GiB): allocation-neutral;
+- ``jemalloc`` / ``tcmalloc``: the library ``LD_PRELOAD``-ed (skipped where not installed:
+  ``apt-get install libjemalloc2 libtcmalloc-minimal4``).
+
+The acceptance checks are made on ``neutral`` (the fair setting); the others are reported beside.
 
 Usage::
 
-    python benchmarks/bench_layer.py            # default shapes, a few minutes on 2 cores
+    python benchmarks/bench_layer.py            # default shapes, default+neutral, ~20 min on 2 cores
+    python benchmarks/bench_layer.py --allocators default,neutral,jemalloc,tcmalloc
     python benchmarks/bench_layer.py --quick    # tiny shapes, a smoke run (seconds)
 
 The last line printed is one JSON object with every number.
@@ -60,10 +74,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+import moekit.experts.cpu as moekit_cpu  # noqa: E402
 from moekit.config import MoEConfig  # noqa: E402
 from moekit.experts import resolve_backend  # noqa: E402
 from moekit.layer import MoELayer  # noqa: E402
-from moekit.workspace import POOL  # noqa: E402
+
+ALLOCATORS = {
+    "default": {},
+    "neutral": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30), "MALLOC_TOP_PAD_": str(1 << 30)},
+    "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2"},
+    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
+}
+LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+FAIR = "neutral"
 
 
 @dataclass(frozen=True)
@@ -87,7 +110,7 @@ QUICK_SHAPES = {
     "olmoe-tiny": Shape("olmoe-tiny", "olmoe", 64, 32, 8, 4, 64, False),
     "mixtral-tiny": Shape("mixtral-tiny", "mixtral", 64, 128, 4, 2, 64, True),
 }
-VARIANTS = ("moekit", "hf_eager", "hf_grouped_mm", "tutel_cf0", "tutel_cf1.25")
+VARIANTS = ("moekit", "moekit_other_schedule", "hf_eager", "hf_grouped_mm", "tutel_cf0", "tutel_cf1.25")
 MODES = ("fwd", "fwdbwd")
 
 # Acceptance for MoELayer (dropless), multiples of the dense floor; plus "no slower than the
@@ -171,6 +194,31 @@ class TutelBlock(torch.nn.Module):
         return self.layer(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
+class OtherSchedule(torch.nn.Module):
+    """``layer`` with the cpu backend's schedule flipped (workers <-> inline) for its forward;
+    the backward follows the parts its forward used."""
+
+    def __init__(self, layer: MoELayer, picked: str):
+        super().__init__()
+        self.layer, self.picked = layer, picked
+
+    def forward(self, x):
+        saved = moekit_cpu.INLINE_MIN_MACS
+        moekit_cpu.INLINE_MIN_MACS = 1 << 62 if self.picked == "inline" else 0
+        try:
+            return self.layer(x)
+        finally:
+            moekit_cpu.INLINE_MIN_MACS = saved
+
+
+def picked_schedule(layer: MoELayer, x: torch.Tensor) -> str:
+    """Which schedule the cpu backend picks for this layer on this input's real routing."""
+    with torch.no_grad():
+        counts = layer.router(x.reshape(-1, x.shape[-1])).tokens_per_expert_E.tolist()
+    parts = moekit_cpu.plan_parts(counts, layer.config.hidden_size, layer.experts.w_in.shape[1])
+    return "inline" if len(parts) == 1 else "workers"
+
+
 def tutel_status() -> tuple[bool, str]:
     try:
         import tutel
@@ -185,13 +233,22 @@ def tutel_status() -> tuple[bool, str]:
     return True, f"tutel {ver} imported from {Path(tutel.__file__).parent}"
 
 
-def build_variants(shape: Shape, layer: MoELayer, names: list[str], tutel_ok: bool, tutel_msg: str):
+def build_variants(shape: Shape, layer: MoELayer, x: torch.Tensor, names: list[str], tutel_ok: bool,
+                   tutel_msg: str):
     out = []
+    backend = resolve_backend(layer.config.backend, torch.device("cpu"))
+    picked = picked_schedule(layer, x)
     for name in names:
         if name == "moekit":
-            backend = resolve_backend(layer.config.backend, torch.device("cpu"))
-            expect = {"_CPUGroupedExperts": True} if backend == "grouped_mm" else None
-            out.append(Variant(name, layer, expect_ops=expect, note=f"backend={backend}"))
+            expect = {"_CPUExperts": True} if backend == "cpu" else None
+            out.append(Variant(name, layer, expect_ops=expect, note=f"backend={backend}, schedule={picked}"))
+        elif name == "moekit_other_schedule":
+            if backend != "cpu" or torch.get_num_threads() == 1:
+                out.append(Variant(name, skip="needs the cpu backend with >1 thread"))
+                continue
+            other = "workers" if picked == "inline" else "inline"
+            out.append(Variant(name, OtherSchedule(layer, picked), expect_ops={"_CPUExperts": True},
+                               note=f"backend=cpu, schedule={other}"))
         elif name in ("hf_eager", "hf_grouped_mm"):
             impl = name[3:]
             ran = {"aten::_grouped_mm": impl == "grouped_mm", "aten::index_add_": impl == "eager"}
@@ -276,7 +333,6 @@ def profiled_step(step: Callable) -> tuple[float, set[str], object, float]:
     """Run ``step`` once under the memory profiler: (peak MiB, op names seen, result, seconds)."""
     from torch.profiler import ProfilerActivity, profile
 
-    POOL.clear()  # so that moekit's reused buffers count as allocated by the step that uses them
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         t0 = time.perf_counter()
         result = step()
@@ -358,7 +414,7 @@ def run_shape(shape: Shape, variant_names: list[str], modes: list[str], args, tu
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, shape.T, shape.D, generator=g)
     grad_out = torch.randn(1, shape.T, shape.D, generator=g)
-    variants = build_variants(shape, layer, variant_names, *tutel)
+    variants = build_variants(shape, layer, x, variant_names, *tutel)
     res: dict = {"shape": asdict(shape), "variants": {}, "floor": {}}
 
     # correctness before timing: forward output and input gradient vs moekit
@@ -412,7 +468,6 @@ def run_shape(shape: Shape, variant_names: list[str], modes: list[str], args, tu
         times = time_interleaved(mode_steps, args.reps, args.min_reps, args.variant_budget)
         load1 = os.getloadavg()[0]
         res.setdefault("loadavg_1min", {})[mode] = [round(load0, 2), round(load1, 2)]
-        res.setdefault("pool_idle_mib", {})[mode] = round(POOL.idle_bytes / 2 ** 20, 1)
         for n, ts in times.items():
             tgt = res["floor"][n] if n.startswith("dense_") else res["variants"][n]
             tgt[f"{mode}_ms"] = round(statistics.median(ts) * 1e3, 2)
@@ -444,8 +499,7 @@ def print_table(shape: Shape, res: dict, modes: list[str]) -> None:
         for m in modes:
             row += f" {e[m + '_ms']:11.1f} {e[m + '_x_floor']:9.3f} {e[m + '_peak_mib']:11.1f}"
         print(row)
-    print(f"  load average (1 min) before/after timing: {res['loadavg_1min']}; "
-          f"moekit buffer pool idle after timing (MiB): {res['pool_idle_mib']}", flush=True)
+    print(f"  load average (1 min) before/after timing: {res['loadavg_1min']}", flush=True)
 
 
 def markdown(results: dict, modes: list[str]) -> str:
@@ -467,9 +521,7 @@ def markdown(results: dict, modes: list[str]) -> str:
             out.append(f"| {n} | " + " | ".join(
                 f"{e[m + '_x_floor']:.2f} | {e[m + '_ms']:.1f} | {e[m + '_peak_mib']:.0f}" for m in modes) + " |")
         out.append(f"\nload average (1 min) before/after the timed rounds: "
-                   + ", ".join(f"{m} {v[0]}/{v[1]}" for m, v in r["loadavg_1min"].items())
-                   + "; moekit buffer pool idle after the timed rounds (MiB): "
-                   + ", ".join(f"{m} {v}" for m, v in r["pool_idle_mib"].items()) + "\n")
+                   + ", ".join(f"{m} {v[0]}/{v[1]}" for m, v in r["loadavg_1min"].items()) + "\n")
     return "\n".join(out)
 
 
@@ -485,12 +537,95 @@ def acceptance(results: dict, modes: list[str]) -> list[dict]:
             lim = TARGETS[family][m]
             checks.append({"shape": sname, "mode": m, "check": f"moekit <= {lim}x floor",
                            "value": x, "ok": x <= lim})
-            peers = {n: e[f"{m}_ms"] for n, e in r["variants"].items() if n != "moekit" and f"{m}_ms" in e}
+            peers = {n: e[f"{m}_ms"] for n, e in r["variants"].items()
+                     if not n.startswith("moekit") and f"{m}_ms" in e}
             if peers:
                 best = min(peers, key=peers.get)
                 checks.append({"shape": sname, "mode": m, "check": f"moekit <= best peer ({best})",
                                "value": round(mk[f"{m}_ms"] / peers[best], 3), "ok": mk[f"{m}_ms"] <= peers[best]})
     return checks
+
+
+def allocator_env(name: str) -> tuple[Optional[dict], str]:
+    """The environment additions of allocator setting ``name`` (None and why when unavailable)."""
+    if name not in ALLOCATORS:
+        raise SystemExit(f"unknown allocator {name!r}; choose from {list(ALLOCATORS)}")
+    spec = dict(ALLOCATORS[name])
+    if "LD_PRELOAD" in spec:
+        found = [str(Path(d) / spec["LD_PRELOAD"]) for d in LIB_DIRS if (Path(d) / spec["LD_PRELOAD"]).exists()]
+        if not found:
+            return None, f"{spec['LD_PRELOAD']} not found in {', '.join(LIB_DIRS)}"
+        spec["LD_PRELOAD"] = found[0]
+    return spec, " ".join(f"{k}={v}" for k, v in spec.items()) or "(as started)"
+
+
+def allocator_in_effect(name: str) -> str:
+    """What this (child) process really runs with: the preloaded library must be mapped."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    if "LD_PRELOAD" in env:
+        maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+        lib = Path(env["LD_PRELOAD"]).name
+        if lib not in maps:
+            raise RuntimeError(f"allocator {name}: {lib} is not mapped into the process")
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "glibc defaults"
+
+
+def run_child(args, modes, variant_names) -> dict:
+    """All shapes and variants in this process, under the allocator it was started with."""
+    torch.set_num_threads(args.threads)
+    pool = QUICK_SHAPES if args.quick else SHAPES
+    shape_names = args.shapes.split(",") if args.shapes else list(pool)
+    tutel = tutel_status()
+    alloc = allocator_in_effect(args.child)
+    print(f"allocator {args.child}: {alloc}")
+    print(f"tutel: {tutel[1]}")
+    results = {}
+    for name in shape_names:
+        if name not in pool:
+            raise SystemExit(f"unknown shape {name!r}; choose from {list(pool)}")
+        results[name] = run_shape(pool[name], variant_names, modes, args, tutel)
+    return {"allocator": args.child, "allocator_env": alloc, "tutel": {"available": tutel[0], "status": tutel[1]},
+            "machine": machine_info(), "results": results}
+
+
+def spawn(name: str, argv: list[str]) -> dict:
+    """Run this script as a child under allocator setting ``name``; stream its output."""
+    import subprocess
+
+    extra, desc = allocator_env(name)
+    if extra is None:
+        print(f"\n#### allocator {name}: skipped ({desc})", flush=True)
+        return {"allocator": name, "skipped": desc}
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") or k == "LD_PRELOAD")}
+    env.update(extra)
+    print(f"\n#### allocator {name}: {desc}", flush=True)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--child", name], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    last = ""
+    for line in proc.stdout:
+        if line.startswith("{"):
+            last = line
+        else:
+            print(f"[{name}] {line}", end="", flush=True)
+    if proc.wait() != 0 or not last:
+        raise RuntimeError(f"allocator {name}: the child run failed (exit {proc.returncode})")
+    return json.loads(last)
+
+
+def side_by_side(runs: dict, modes: list[str]) -> str:
+    """moekit and each peer as multiples of the floor, per allocator setting (markdown)."""
+    names = [n for n, r in runs.items() if "results" in r]
+    out = ["| shape | variant | " + " | ".join(f"{a} {m}" for a in names for m in modes) + " |",
+           "|---|---|" + "---:|" * (len(names) * len(modes))]
+    first = runs[names[0]]["results"] if names else {}
+    for sname, r in first.items():
+        for v in r["variants"]:
+            cells = []
+            for a in names:
+                e = runs[a]["results"][sname]["variants"][v]
+                cells += ["skipped" if "skipped" in e else f"{e[m + '_x_floor']:.2f}" for m in modes]
+            out.append(f"| {sname} | {v} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -500,6 +635,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--allocators", default="default,neutral",
+                   help=f"comma list of allocator settings from {list(ALLOCATORS)}; each runs every variant "
+                        f"in its own child process (default: default,neutral)")
     p.add_argument("--markdown", action="store_true", help="also print markdown tables before the JSON")
     p.add_argument("--reps", type=int, default=9, help="max timed rounds per mode")
     p.add_argument("--min-reps", type=int, default=3)
@@ -508,40 +646,43 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    help="seconds of timed steps after which a variant stops at --min-reps")
     p.add_argument("--slow-step", type=float, default=5.0,
                    help="a step that took longer in its profiled warm-up gets no further warm-up")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.min_reps, args.warmup = 2, 1, 1
-    torch.set_num_threads(args.threads)
-    pool = QUICK_SHAPES if args.quick else SHAPES
-    shape_names = args.shapes.split(",") if args.shapes else list(pool)
     modes = args.modes.split(",")
     variant_names = args.variants.split(",")
+    if args.child:
+        print(json.dumps(run_child(args, modes, variant_names), separators=(",", ":")))
+        return {}
 
     info = machine_info()
-    tutel = tutel_status()
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    command = " ".join(shlex.quote(a) for a in [sys.executable, str(Path(__file__)), *argv])
     print(f"command: {command}")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    print(f"tutel: {tutel[1]}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-
     t0 = time.time()
-    results = {}
-    for name in shape_names:
-        if name not in pool:
-            raise SystemExit(f"unknown shape {name!r}; choose from {list(pool)}")
-        results[name] = run_shape(pool[name], variant_names, modes, args, tutel)
-    checks = acceptance(results, modes) if not args.quick else []
-    if checks:
-        print("\nacceptance (MoELayer, dropless):")
-        for c in checks:
+    child_argv = [a for a in argv if not a.startswith("--allocators") and a != "--markdown"]
+    if "--allocators" in argv:  # drop its value too
+        i = argv.index("--allocators")
+        child_argv = [a for j, a in enumerate(argv) if j not in (i, i + 1) and a != "--markdown"]
+    runs = {name: spawn(name, child_argv) for name in args.allocators.split(",")}
+    fair = FAIR if "results" in runs.get(FAIR, {}) else next((n for n, r in runs.items() if "results" in r), None)
+    checks = {n: acceptance(r["results"], modes) for n, r in runs.items() if "results" in r} if not args.quick else {}
+    for name, cs in checks.items():
+        print(f"\nacceptance under allocator {name}{' (the fair setting)' if name == fair else ''}:")
+        for c in cs:
             print(f"  {'PASS' if c['ok'] else 'MISS'}  {c['shape']:14s} {c['mode']:7s} {c['check']}: {c['value']}")
+    print("\nmultiples of the dense floor, per allocator setting:\n" + side_by_side(runs, modes))
     if args.markdown:
-        print("\n" + markdown(results, modes))
+        for name, r in runs.items():
+            if "results" in r:
+                print(f"\n#### allocator {name} ({r['allocator_env']})\n\n" + markdown(r["results"], modes))
     summary = {
         "bench": "bench_layer", "command": command, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": info, "tutel": {"available": tutel[0], "status": tutel[1]},
-        "wall_s": round(time.time() - t0, 1), "results": results, "acceptance": checks,
+        "machine": info, "wall_s": round(time.time() - t0, 1), "fair_allocator": fair,
+        "allocators": runs, "acceptance": checks.get(fair, []), "acceptance_by_allocator": checks,
     }
     print(json.dumps(summary, separators=(",", ":")))
     return summary

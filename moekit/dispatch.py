@@ -65,7 +65,7 @@ class LocalDispatcher:
         """y_ND [N, D] (unweighted expert outputs) -> y_TD [T, D] = sum_k w[t, k] * y[slot (t, k)]."""
         T, K, D = ctx.num_tokens, ctx.top_k, y_ND.shape[-1]
         slots = y_ND.new_zeros(T * K, D) if ctx.num_dropped else y_ND.new_empty(T * K, D)
-        slots_TKD = slots.index_copy(0, ctx.order_N, y_ND).view(T, K, D)
+        slots_TKD = slots.index_copy_(0, ctx.order_N, y_ND).view(T, K, D)  # in place: no copy of the buffer
         w_T1K = ctx.topk_weights_TK.to(y_ND.dtype).unsqueeze(1)
         return torch.bmm(w_T1K, slots_TKD).squeeze(1)
 
@@ -87,5 +87,5 @@ class _GatherRows(torch.autograd.Function):
         T, K = ctx.T, ctx.K
         slots = grad_ND.new_zeros(T * K, grad_ND.shape[-1]) if order_N.numel() < T * K else \
             grad_ND.new_empty(T * K, grad_ND.shape[-1])
-        grad_TD = slots.index_copy(0, order_N, grad_ND).view(T, K, -1).sum(1)
+        grad_TD = slots.index_copy_(0, order_N, grad_ND).view(T, K, -1).sum(1)
         return grad_TD, None, None

@@ -16,7 +16,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.dispatch import LocalDispatcher
 from moekit.experts import DenseMLP, GroupedExperts
-from moekit.router import Routing, TopKRouter, apply_capacity, expert_capacity
+from moekit.router import Routing, TopKRouter, apply_capacity, count_per_expert, expert_capacity
 
 RoutingObserver = Callable[["MoELayer", Routing], None]
 RoutingTransform = Callable[[Routing], Routing]
@@ -210,7 +210,7 @@ def switch_aux_loss(scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, top_k: i
     if normalize_scores:
         scores_TE = scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
     if counts_E is None:
-        counts_E = torch.bincount(topk_ids_TK[topk_ids_TK >= 0], minlength=E)
+        counts_E = count_per_expert(topk_ids_TK, E)
     counts_E = counts_E.to(scores_TE.dtype)
     f_E = counts_E / (T if norm == "hf" else T * top_k)
     P_E = scores_TE.mean(0)

@@ -81,8 +81,16 @@ class TopKRouter(nn.Module):
             scaling_factor=cfg.routed_scaling_factor)
         if score_func == "softmax_topk":  # selection ran on raw logits; the aux loss's P is the softmax
             scores_TE = logits_TE.softmax(dim=-1)
-        counts_E = torch.bincount(ids_TK.flatten(), minlength=cfg.num_experts)
-        return Routing(ids_TK, weights_TK, logits_TE, scores_TE, counts_E)
+        return Routing(ids_TK, weights_TK, logits_TE, scores_TE, count_per_expert(ids_TK, cfg.num_experts))
+
+
+def count_per_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E] assignments per expert, ids of -1 ignored. A scatter-add of ones: unlike
+    ``torch.bincount`` it needs no host sync on CUDA (exact: integer sums)."""
+    ids = topk_ids_TK.reshape(-1)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
+    counts.index_add_(0, ids.long() + 1, torch.ones_like(ids, dtype=torch.long))  # slot 0 takes the -1s
+    return counts[1:]
 
 
 def _check_finite(logits_TE: torch.Tensor, mode: str) -> None:

@@ -66,15 +66,16 @@ def test_wheel_builds_without_warnings(tmp_path):
     assert f"Version: {moekit.__version__}\n" in metadata
     assert "License-Expression: Apache-2.0\n" in metadata
     assert "moekit = moekit.cli:main" in entry_points
-    for module in ("moekit/cli/demo.py", "moekit/kernels/__init__.py", "moekit/planner/__init__.py"):
+    for module in ("moekit/cli/demo.py", "moekit/kernels/__init__.py", "moekit/planner/__init__.py",
+                   "moekit/experts/cpu.py", "moekit/dispatch.py"):
         assert module in names
 
 
-def test_scripts_install_the_cpu_build_of_torch():
-    """PyPI's Linux torch is the CUDA build; test.sh and demo.sh take torch from PyTorch's CPU
-    index, through scripts/_venv.sh, before moekit (whose `torch>=2.6` would pull PyPI's)."""
+def test_scripts_install_torch_first_from_the_chosen_index():
+    """test.sh and demo.sh install the pinned torch through scripts/_venv.sh before moekit (whose
+    `torch>=2.6` would otherwise pick any build), from TORCH_INDEX_URL when set."""
     text = (REPO / "scripts" / "_venv.sh").read_text()
-    assert "TORCH_INDEX_URL=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}" in text
+    assert "TORCH_INDEX_URL=${TORCH_INDEX_URL-}" in text
     torch_line = next(line for line in text.splitlines() if '"torch==' in line)
     assert '--index-url "$TORCH_INDEX_URL"' in torch_line
     assert text.index(torch_line) < text.index("pip install -q -e ")

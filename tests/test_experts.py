@@ -43,8 +43,6 @@ def schedule(request, monkeypatch):
     else:
         monkeypatch.setattr(cpu, "INLINE_MIN_MACS", 1 << 62)
         torch.set_num_threads(int(request.param[-1]))
-    # plan_parts reads the module constant through its default: rebind it for the test
-    monkeypatch.setattr(cpu.plan_parts, "__defaults__", (cpu.INLINE_MIN_MACS,))
     yield request.param
     torch.set_num_threads(threads)
 

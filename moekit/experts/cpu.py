@@ -97,11 +97,11 @@ def split_rows(counts_E: list[int], num_parts: int) -> list[Pieces]:
 INLINE_MIN_MACS = 1 << 30
 
 
-def plan_parts(counts_E: list[int], D: int, H: int, inline_min_macs: int = INLINE_MIN_MACS) -> list[Pieces]:
+def plan_parts(counts_E: list[int], D: int, H: int) -> list[Pieces]:
     """The schedule: one part per worker thread, or a single part run on the calling thread."""
     busy = [n for n in counts_E if n]
     threads = torch.get_num_threads()
-    if threads == 1 or (busy and sum(busy) / len(busy) * D * H >= inline_min_macs):
+    if threads == 1 or (busy and sum(busy) / len(busy) * D * H >= INLINE_MIN_MACS):
         return split_rows(counts_E, 1)
     return split_rows(counts_E, threads)
 
