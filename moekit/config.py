@@ -9,9 +9,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-# torch-free here (``import moekit.planner`` must work without torch): the activation table
-# (moekit.kernels.activations) and the backend names (moekit.experts) are imported when a
-# config is validated.
+# torch-free here (``import moekit.planner`` and ``moekit --help`` must not import torch): the
+# activation table (moekit.kernels.activations) is imported when a config is validated.
+# The expert backends by name (one module each in moekit/experts/, registered there under
+# exactly these names) and "auto", which picks one of them per device.
+BACKENDS = ("loop", "cpu", "grouped_mm", "triton")
+BACKEND_CHOICES = ("auto", *BACKENDS)
 LOGIT_CHECKS = ("auto", "sync", "async", "off")
 
 
@@ -104,7 +107,6 @@ class MoEConfig:
             _positive_int(name, getattr(self, name))
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
-        from moekit.experts import BACKEND_CHOICES
         from moekit.kernels.activations import check_activation
 
         check_activation(self.activation)

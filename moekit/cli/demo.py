@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from moekit.config import BACKEND_CHOICES
+
 log = logging.getLogger("moekit.demo")
 
 # files the demo writes into --out-dir
@@ -44,9 +46,9 @@ def add_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2, help="experts per token K (at most --experts)")
     p.add_argument("--ffn", type=int, default=256, help="expert hidden size F")
     p.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight (>= 0)")
-    p.add_argument("--backend", default="auto", choices=["auto", "loop", "grouped_mm", "triton"],
-                   help="expert compute backend (auto: grouped_mm where torch has it, else loop); the demo "
-                        "runs on CPU, where triton needs TRITON_INTERPRET=1 set (slow)")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="expert compute backend (auto: cpu on CPU, triton on CUDA; see MoEConfig.backend); "
+                        "the demo runs on CPU, where triton needs TRITON_INTERPRET=1 set (slow)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     p.add_argument("--corpus-mb", type=float, default=8.0,
                    help="MiB of Python stdlib source to train on (5%% of it held out for validation)")
@@ -110,7 +112,7 @@ def check_args(args: argparse.Namespace) -> str | None:
             return "--backend triton needs triton (pip install 'moekit[triton]'); or use --backend auto"
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             return ("--backend triton: the demo runs on CPU, where Triton kernels run only in the interpreter; "
-                    "set TRITON_INTERPRET=1 (slow) or use --backend auto, loop or grouped_mm")
+                    "set TRITON_INTERPRET=1 (slow) or use --backend auto, cpu, loop or grouped_mm")
     from moekit.config import MoEConfig  # the config's own rules, in the flags' terms
 
     try:

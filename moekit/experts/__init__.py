@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.config import MoEConfig
+from moekit.config import BACKEND_CHOICES, BACKENDS as BACKEND_NAMES, MoEConfig
 from moekit.experts import grouped_mm as _grouped_mm
 from moekit.experts import triton as _triton
 from moekit.experts.cpu import cpu_compute
@@ -39,14 +39,14 @@ from moekit.kernels.activations import activation_ref, check_activation
 
 Compute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str], torch.Tensor]
 
-# the one list of backend names (MoEConfig validates against it; "auto" resolves to one of them)
+# name (moekit.config.BACKENDS, the one list of names) -> compute function
 BACKENDS: dict[str, Compute] = {
     "loop": loop_compute,
     "cpu": cpu_compute,
     "grouped_mm": grouped_mm_compute,
     "triton": triton_compute,
 }
-BACKEND_CHOICES = ("auto", *BACKENDS)
+assert tuple(BACKENDS) == BACKEND_NAMES, "register every backend under its name in moekit.config.BACKENDS"
 
 __all__ = ["BACKENDS", "BACKEND_CHOICES", "GroupedExperts", "DenseMLP", "resolve_backend"]
 
