@@ -57,17 +57,30 @@ class LocalDispatcher:
         order_N = torch.sort(routing.topk_ids_TK.reshape(-1), stable=True).indices
         if routing.num_dropped:
             order_N = order_N[routing.num_dropped:]  # dropped slots (-1) sort first
-        x_ND = _GatherRows.apply(x_TD, order_N, K)
+        x_ND = gather_rows(x_TD, order_N, K)
         return x_ND, routing.tokens_per_expert_E, DispatchContext(order_N, routing.topk_weights_TK,
                                                                   routing.num_dropped)
 
     def combine(self, y_ND: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
         """y_ND [N, D] (unweighted expert outputs) -> y_TD [T, D] = sum_k w[t, k] * y[slot (t, k)]."""
-        T, K, D = ctx.num_tokens, ctx.top_k, y_ND.shape[-1]
-        slots = y_ND.new_zeros(T * K, D) if ctx.num_dropped else y_ND.new_empty(T * K, D)
-        slots_TKD = slots.index_copy_(0, ctx.order_N, y_ND).view(T, K, D)  # in place: no copy of the buffer
-        w_T1K = ctx.topk_weights_TK.to(y_ND.dtype).unsqueeze(1)
-        return torch.bmm(w_T1K, slots_TKD).squeeze(1)
+        return weighted_combine(y_ND, ctx.order_N, ctx.topk_weights_TK, ctx.num_dropped)
+
+
+def weighted_combine(y_ND: torch.Tensor, order_N: torch.Tensor, topk_weights_TK: torch.Tensor,
+                     num_dropped: int) -> torch.Tensor:
+    """Rows ``y_ND`` of (token, slot) positions ``order_N`` -> ``y_TD = sum_k w[t, k] * y[(t, k)]``
+    (a fixed-order weighted sum; dropped slots count as zero rows). Shared by every dispatcher."""
+    T, K = topk_weights_TK.shape
+    D = y_ND.shape[-1]
+    slots = y_ND.new_zeros(T * K, D) if num_dropped else y_ND.new_empty(T * K, D)
+    slots_TKD = slots.index_copy_(0, order_N, y_ND).view(T, K, D)  # in place: no copy of the buffer
+    w_T1K = topk_weights_TK.to(y_ND.dtype).unsqueeze(1)
+    return torch.bmm(w_T1K, slots_TKD).squeeze(1)
+
+
+def gather_rows(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``x_TD[order_N // K]`` with an exact, deterministic backward (see :class:`_GatherRows`)."""
+    return _GatherRows.apply(x_TD, order_N, top_k)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -87,5 +100,5 @@ class _GatherRows(torch.autograd.Function):
         T, K = ctx.T, ctx.K
         slots = grad_ND.new_zeros(T * K, grad_ND.shape[-1]) if order_N.numel() < T * K else \
             grad_ND.new_empty(T * K, grad_ND.shape[-1])
-        grad_TD = slots.index_copy_(0, order_N, grad_ND).view(T, K, -1).sum(1)
+        grad_TD = slots.index_copy_(0, order_N, grad_ND).view(T, K, grad_ND.shape[-1]).sum(1)
         return grad_TD, None, None

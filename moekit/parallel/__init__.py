@@ -1,0 +1,14 @@
+"""Parallelism applied to a model by functions (the single-device layer stays the reference).
+
+- :func:`expert_parallel`: experts split over a process group, tokens moved by all-to-all.
+- :func:`full_state_dict` / :func:`load_full_state_dict`: the unconverted model's state dict.
+- :func:`reduce_expert_grads`: replica gradient sums (and DDP-style averaging) before a step.
+- :func:`expert_param_names`: what DDP must leave to the expert-parallel layers.
+"""
+from moekit.parallel.comm import ExpertParallelError
+from moekit.parallel.expert_parallel import (AllToAllDispatcher, ExpertShard, expert_parallel,
+                                             expert_param_names, full_state_dict, load_full_state_dict,
+                                             reduce_expert_grads)
+
+__all__ = ["AllToAllDispatcher", "ExpertParallelError", "ExpertShard", "expert_parallel", "expert_param_names",
+           "full_state_dict", "load_full_state_dict", "reduce_expert_grads"]

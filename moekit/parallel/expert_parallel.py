@@ -1,0 +1,323 @@
+"""Expert parallelism: each rank holds some experts' weights and tokens travel to them.
+
+Legend: T local tokens, D model dim, K top-k, E logical experts, W ranks, S slots per rank,
+P = W*S physical slots, N = T*K local assignments, M rows this rank's experts compute.
+
+``expert_parallel(model, group)`` converts every :class:`~moekit.layer.MoELayer` in place: its
+experts become an :class:`ExpertShard` (this rank's S slots) and its dispatcher an
+:class:`AllToAllDispatcher`. Router, losses, shared expert and the rest of the model are
+untouched: the single-device layer stays the reference, and the converted one computes the
+same function of the global batch (the concatenation of every rank's tokens).
+
+Dispatch: assignments are mapped to physical slots (a replicated expert's assignments go to
+its replicas in turn), sorted by slot (so by destination rank), counts are exchanged, then the
+token rows, with ``all_to_all_single`` and uneven splits. Received rows are reordered from
+(source rank, slot) to (slot, source rank) for the experts; combine runs the same steps back
+and weights the rows as the local dispatcher does. Only assignments bound for another rank
+cross the wire. Autograd flows through both all-to-alls.
+
+Gradients: without data parallelism the gradients are those of the sum of the ranks' local
+losses (what autograd through the all-to-all gives). :func:`reduce_expert_grads` sums the
+gradients of an expert's replicas (each replica saw part of its tokens) and, with
+``world_average=True``, divides expert gradients by W to match DDP's averaging of dense ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moekit.dispatch import gather_rows, weighted_combine
+from moekit.experts import GroupedExperts
+from moekit.layer import MoELayer, moe_layers
+from moekit.parallel import comm
+from moekit.parallel.placement import LayerPlacement, PlacementLike, resolve
+from moekit.router import Routing, count_per_expert
+
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+
+
+class ExpertShard(GroupedExperts):
+    """This rank's S physical expert slots: ``w_in [S, H, D]``, ``w_out [S, D, F]``, computed by
+    the layer's backend. ``logical_ids`` names the logical expert of each slot."""
+
+    def __init__(self, full: GroupedExperts, logical_ids: list[int]):
+        nn.Module.__init__(self)
+        self.config = full.config
+        self.logical_ids = list(logical_ids)
+        idx = torch.tensor(self.logical_ids, dtype=torch.long, device=full.w_in.device)
+        rg = full.w_in.requires_grad
+        self.w_in = nn.Parameter(full.w_in.detach().index_select(0, idx).clone(), requires_grad=rg)
+        self.w_out = nn.Parameter(full.w_out.detach().index_select(0, idx).clone(), requires_grad=rg)
+
+    def extra_repr(self) -> str:
+        return f"slots={len(self.logical_ids)} (logical {self.logical_ids}), " + super().extra_repr()
+
+
+@dataclass
+class _Ctx:
+    order_N: torch.Tensor  # local (token, slot) positions sorted by physical slot
+    perm_M: torch.Tensor  # received (source, slot) order -> (slot, source) order
+    send_splits: list[int]
+    recv_splits: list[int]
+    topk_weights_TK: torch.Tensor
+
+
+class AllToAllDispatcher:
+    """The expert-parallel dispatcher: same two calls as :class:`~moekit.dispatch.LocalDispatcher`."""
+
+    def __init__(self, group, placement: LayerPlacement, rank: int, name: str,
+                 timeout: timedelta = DEFAULT_TIMEOUT):
+        self.group, self.placement, self.rank, self.name, self.timeout = group, placement, rank, name, timeout
+        self.bytes_sent = 0  # token-row bytes this rank sent to other ranks (dispatch + combine)
+        self.rows_remote = 0  # assignments whose expert slot is on another rank
+        self._tables = None
+
+    def _physical(self, ids_N: torch.Tensor) -> torch.Tensor:
+        """Logical expert ids [N] -> physical slots [N]: replicas taken in turn, starting at this
+        rank's offset (deterministic; any split computes the same function)."""
+        if self._tables is None or self._tables[0].device != ids_N.device:
+            self._tables = self.placement.tables(ids_N.device)
+        count_E, slot_ER = self._tables
+        if slot_ER.shape[1] == 1:
+            return slot_ER[ids_N, 0]
+        turn_N = (torch.arange(ids_N.numel(), device=ids_N.device) + self.rank) % count_E[ids_N]
+        return slot_ER[ids_N, turn_N]
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        """x_TD [T, D] -> (x_MD rows for this rank's slots, sorted by slot; tokens_per_slot_S; ctx)."""
+        if routing.num_dropped:
+            raise NotImplementedError("expert parallel runs dropless (capacity_factor=None) for now")
+        pl, W, S = self.placement, self.placement.world_size, self.placement.slots_per_rank
+        T, K = routing.topk_ids_TK.shape
+        slot_N = self._physical(routing.topk_ids_TK.reshape(-1))
+        order_N = torch.sort(slot_N, stable=True).indices
+        send_P = count_per_expert(slot_N, W * S)
+        what = f"dispatch of layer {self.name!r}"
+        recv_WS = comm.all_to_all_counts(send_P, self.group, self.timeout, what + " (counts)").view(W, S)
+        send_splits = send_P.view(W, S).sum(1).tolist()  # host sync: the sizes of the exchange
+        recv_splits = recv_WS.sum(1).tolist()
+        x_sorted = gather_rows(x_TD, order_N, K)
+        x_recv = comm.all_to_all_rows(x_sorted, recv_splits, send_splits, self.group, self.timeout, what)
+        perm_M = _source_to_slot_order(recv_WS)
+        x_MD = _Permute.apply(x_recv, perm_M)
+        remote = sum(n for q, n in enumerate(send_splits) if q != self.rank)
+        self.rows_remote += remote
+        self.bytes_sent += remote * x_TD.shape[-1] * x_TD.element_size()
+        ctx = _Ctx(order_N, perm_M, send_splits, recv_splits, routing.topk_weights_TK)
+        return x_MD, recv_WS.sum(0), ctx
+
+    def combine(self, y_MD: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        """Expert outputs back to their tokens' ranks, then the weighted sum over K."""
+        y_recv = _Unpermute.apply(y_MD, ctx.perm_M)
+        y_sorted = comm.all_to_all_rows(y_recv, ctx.send_splits, ctx.recv_splits, self.group, self.timeout,
+                                        f"combine of layer {self.name!r}")
+        remote = sum(n for q, n in enumerate(ctx.recv_splits) if q != self.rank)
+        self.bytes_sent += remote * y_MD.shape[-1] * y_MD.element_size()
+        return weighted_combine(y_sorted, ctx.order_N, ctx.topk_weights_TK, 0)
+
+
+def _source_to_slot_order(recv_WS: torch.Tensor) -> torch.Tensor:
+    """Rows arrive grouped by source rank, then slot; the experts want slot, then source rank.
+    Returns perm_M with ``x_by_slot = x_by_source[perm_M]``."""
+    W, S = recv_WS.shape
+    slot_of_row = torch.repeat_interleave(torch.arange(W * S, device=recv_WS.device) % S, recv_WS.reshape(-1))
+    return torch.sort(slot_of_row, stable=True).indices
+
+
+class _Permute(torch.autograd.Function):
+    """``x[perm]`` for a permutation; backward scatters back (exact, no accumulation)."""
+
+    @staticmethod
+    def forward(ctx, x, perm):
+        ctx.save_for_backward(perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        (perm,) = ctx.saved_tensors
+        return _Unpermute.apply(g, perm), None
+
+
+class _Unpermute(torch.autograd.Function):
+    """Inverse of :class:`_Permute`: ``out[perm] = y``."""
+
+    @staticmethod
+    def forward(ctx, y, perm):
+        ctx.save_for_backward(perm)
+        return y.new_empty(y.shape).index_copy_(0, perm, y)
+
+    @staticmethod
+    def backward(ctx, g):
+        (perm,) = ctx.saved_tensors
+        return _Permute.apply(g, perm), None
+
+
+# ---- conversion ----------------------------------------------------------------------------------
+
+def _group_of(group):
+    if group is None:
+        if not dist.is_initialized():
+            raise RuntimeError("expert_parallel needs torch.distributed initialised (dist.init_process_group) "
+                               "or a group / DeviceMesh dimension")
+        return dist.group.WORLD
+    if hasattr(group, "get_group"):  # a 1-D DeviceMesh (or one dimension of one)
+        return group.get_group()
+    return group
+
+
+def _layer_signature(layer: MoELayer) -> dict:
+    c = layer.config
+    return {"num_experts": c.num_experts, "top_k": c.top_k, "hidden_size": c.hidden_size,
+            "ffn_hidden_size": c.ffn_hidden_size, "activation": c.activation, "router": c.router,
+            "capacity_factor": c.capacity_factor, "dtype": str(layer.experts.w_in.dtype)}
+
+
+def _check_same_everywhere(sig: dict, group, what: str) -> None:
+    """All ranks hold the same ``sig``; otherwise an error naming the field and the ranks."""
+    W = dist.get_world_size(group)
+    sigs: list = [None] * W
+    dist.all_gather_object(sigs, sig, group=group)
+    for key in sig:
+        values = {}
+        for r, s in enumerate(sigs):
+            values.setdefault(repr(s.get(key)), []).append(r)
+        if len(values) > 1:
+            detail = "; ".join(f"{v} on ranks {rs}" for v, rs in values.items())
+            raise ValueError(f"expert_parallel: {what} differs across ranks in {key!r}: {detail}")
+
+
+def expert_parallel(model: nn.Module, group=None, *, placement: PlacementLike = None,
+                    timeout: timedelta = DEFAULT_TIMEOUT) -> nn.Module:
+    """Convert every MoELayer of ``model`` in place to run expert parallel over ``group``.
+
+    Args:
+        model: holds the full (single-device) weights on every rank, identical on all ranks
+            (e.g. built from the same seed or loaded from one checkpoint).
+        group: a process group, a 1-D ``DeviceMesh`` (or a dimension of one), or None for the
+            default group. Its W ranks split the experts.
+        placement: None (contiguous: rank r holds experts ``[r*E/W, (r+1)*E/W)``, needs W | E),
+            the path of a ``moekit plan`` JSON, its dict, or a planner ``Placement``; its
+            ``num_gpus`` must be W and its layers the model's MoE layers in module order.
+        timeout: how long a collective waits for the other ranks before failing with an
+            :class:`~moekit.parallel.comm.ExpertParallelError`.
+
+    Returns ``model``. Each rank keeps only its slots' expert weights.
+    """
+    group = _group_of(group)
+    W, rank = dist.get_world_size(group), dist.get_rank(group)
+    layers = list(moe_layers(model))
+    if not layers:
+        raise ValueError("expert_parallel: the model has no MoELayer")
+    sig = {"num_moe_layers": len(layers), "layer_names": [n for n, _ in layers]}
+    for i, (_, layer) in enumerate(layers):
+        for k, v in _layer_signature(layer).items():
+            sig[f"layers[{i}].{k}"] = v
+    placements = None
+    error = None
+    try:
+        E = {layer.config.num_experts for _, layer in layers}
+        if len(E) != 1:
+            raise ValueError(f"expert_parallel: MoE layers differ in num_experts {sorted(E)}")
+        placements = resolve(placement, E.pop(), W, len(layers))
+        sig["placement"] = [p.phy2log for p in placements]
+    except (ValueError, TypeError) as exc:
+        error = exc
+        sig["placement"] = f"error: {exc}"
+    _check_same_everywhere(sig, group, "the model or the placement")  # collective: before raising
+    if error is not None:
+        raise error
+    for (name, layer), pl in zip(layers, placements):
+        if isinstance(layer.dispatcher, AllToAllDispatcher):
+            raise ValueError(f"expert_parallel: layer {name!r} is already expert parallel")
+        if layer.config.capacity_factor is not None:
+            raise NotImplementedError(f"expert_parallel: layer {name!r} has capacity_factor="
+                                      f"{layer.config.capacity_factor}; expert parallel runs dropless for now")
+        layer.experts = ExpertShard(layer.experts, pl.slots_of(rank))
+        layer.dispatcher = AllToAllDispatcher(group, pl, rank, name, timeout)
+    return model
+
+
+def _ep_layers(model: nn.Module):
+    return [(n, m) for n, m in moe_layers(model) if isinstance(m.dispatcher, AllToAllDispatcher)]
+
+
+def expert_param_names(model: nn.Module) -> list[str]:
+    """Names of the expert-parallel parameters (each rank holds different ones): what DDP must
+    ignore (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``)."""
+    return [f"{n}.experts.{p}" for n, _ in _ep_layers(model) for p in ("w_in", "w_out")]
+
+
+@torch.no_grad()
+def reduce_expert_grads(model: nn.Module, *, world_average: bool = False) -> None:
+    """Finish the expert gradients after backward (before ``optimizer.step()``):
+
+    - replicas of an expert each saw part of its tokens: their gradients are summed (one
+      all-reduce per layer with replicas), so every replica takes the same step;
+    - ``world_average=True`` divides every expert gradient by W: use it when DDP averages the
+      dense gradients, so the whole model follows the mean of the ranks' losses.
+    """
+    for name, layer in _ep_layers(model):
+        d: AllToAllDispatcher = layer.dispatcher
+        pl, shard = d.placement, layer.experts
+        params = [p for p in (shard.w_in, shard.w_out) if p.grad is not None]
+        if pl.replicated and params:
+            reps = pl.replicas()
+            rep_experts = [e for e, r in enumerate(reps) if len(r) > 1]
+            local = [(s, shard.logical_ids[s]) for s in range(len(shard.logical_ids))
+                     if len(reps[shard.logical_ids[s]]) > 1]
+            index = {e: i for i, e in enumerate(rep_experts)}
+            for p in params:
+                buf = p.grad.new_zeros(len(rep_experts), *p.shape[1:])
+                for s, e in local:
+                    buf[index[e]] += p.grad[s]
+                comm.wait(dist.all_reduce(buf, group=d.group, async_op=True), d.timeout,
+                          f"replica gradient sum of layer {name!r}")
+                for s, e in local:
+                    p.grad[s].copy_(buf[index[e]])
+        if world_average:
+            W = pl.world_size
+            for p in params:
+                p.grad.div_(W)
+
+
+# ---- full state dict -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the unconverted model (same keys and shapes), on every rank: each
+    expert-parallel layer's ``experts.w_in [E, H, D]`` / ``w_out [E, D, F]`` gathered from the
+    ranks (an expert's first replica). A collective: call it on every rank."""
+    sd = model.state_dict()
+    for name, layer in _ep_layers(model):
+        d: AllToAllDispatcher = layer.dispatcher
+        first_slot = torch.tensor([r[0] for r in d.placement.replicas()], dtype=torch.long)
+        for pname in ("w_in", "w_out"):
+            local = getattr(layer.experts, pname).detach().contiguous()
+            full = local.new_empty(d.placement.world_size * local.shape[0], *local.shape[1:])
+            comm.wait(dist.all_gather_into_tensor(full, local, group=d.group, async_op=True), d.timeout,
+                      f"full_state_dict of layer {name!r}")
+            sd[f"{name}.experts.{pname}"] = full.index_select(0, first_slot.to(full.device))
+    return sd
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load an unconverted model's state dict into an expert-parallel model: each rank takes
+    its slots' rows of the full expert tensors. Returns ``load_state_dict``'s result."""
+    sd = dict(state_dict)
+    for name, layer in _ep_layers(model):
+        idx = torch.tensor(layer.experts.logical_ids, dtype=torch.long)
+        for pname in ("w_in", "w_out"):
+            key = f"{name}.experts.{pname}"
+            if key in sd:
+                full = sd[key]
+                E = layer.dispatcher.placement.num_experts
+                if full.shape[0] != E:
+                    raise ValueError(f"{key} has {full.shape[0]} experts, the model {E}")
+                sd[key] = full.index_select(0, idx.to(full.device))
+    return model.load_state_dict(sd, strict=strict)

@@ -1,0 +1,263 @@
+"""Runs inside each spawned rank of tests/parallel: the expert-parallel scenarios, each checked
+against the single-device layer on the global batch (every rank's tokens concatenated)."""
+from __future__ import annotations
+
+import copy
+import os
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import moekit
+from moekit import MoEConfig, MoELayer
+from moekit.parallel import (ExpertParallelError, expert_param_names, expert_parallel, full_state_dict,
+                             load_full_state_dict, reduce_expert_grads)
+
+E, K, D, F_ = 12, 3, 16, 12
+DT = torch.float64
+TOL = dict(rtol=1e-9, atol=1e-9)  # fp64: sums over ranks round differently from one global sum
+
+
+class Net(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.moe1 = MoELayer(cfg)
+        self.mid = nn.Linear(D, D)
+        self.moe2 = MoELayer(cfg)
+
+    def forward(self, x):
+        return self.moe2(torch.tanh(self.mid(self.moe1(self.inp(x)))))
+
+
+def make_net(seed=0, **kw):
+    """Aux and z losses are off: they are computed per rank on its own tokens (not additive
+    over ranks), so they are not a function of the global batch."""
+    torch.manual_seed(seed)
+    cfg = MoEConfig(**{**dict(hidden_size=D, ffn_hidden_size=F_, num_experts=E, top_k=K), **kw})
+    net = Net(cfg).to(DT)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, MoELayer):
+                m.router.weight.normal_(0, 1.0)
+    return net
+
+
+def tokens_per_rank(W, case):
+    if case == "uneven":
+        return [[5, 0, 7, 1][r % 4] + (r // 4) for r in range(W)]  # rank 1: no tokens, rank 3: one
+    return [9] * W
+
+
+def global_batch(W, case, seed=1):
+    counts = tokens_per_rank(W, case)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(counts), D, generator=g, dtype=DT)
+    gy = torch.randn(sum(counts), D, generator=g, dtype=DT)
+    bounds = [sum(counts[:r]) for r in range(W + 1)]
+    return x, gy, bounds
+
+
+def check_step(rank, W, ref, ep, x, gy, bounds, lo_hi=None):
+    """Forward, input grads and every parameter grad of ep (this rank's slice) vs ref (global)."""
+    lo, hi = bounds[rank], bounds[rank + 1]
+    xr = x.clone().requires_grad_()
+    y_ref = ref(xr)
+    (y_ref * gy).sum().backward()
+    xe = x[lo:hi].clone().requires_grad_()
+    y_ep = ep(xe)
+    (y_ep * gy[lo:hi]).sum().backward()
+    torch.testing.assert_close(y_ep, y_ref[lo:hi], **TOL)
+    torch.testing.assert_close(xe.grad, xr.grad[lo:hi], **TOL)
+    reduce_expert_grads(ep)
+    ref_params = dict(ref.named_parameters())
+    expert_names = set(expert_param_names(ep))
+    for n, p in ep.named_parameters():
+        if n in expert_names:
+            layer = ep.get_submodule(n.rsplit(".", 2)[0])
+            idx = torch.tensor(layer.experts.logical_ids)
+            torch.testing.assert_close(p.grad, ref_params[n].grad[idx], **TOL, msg=lambda m: f"{n}: {m}")
+        else:  # dense and router grads: the sum over ranks of the local ones
+            g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(g)
+            torch.testing.assert_close(g, ref_params[n].grad, **TOL, msg=lambda m: f"{n}: {m}")
+
+
+def train_steps(rank, W, ref, ep, x, gy, bounds, steps=3):
+    lo, hi = bounds[rank], bounds[rank + 1]
+    opt_r = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt_e = torch.optim.Adam(ep.parameters(), lr=1e-2)
+    names = set(expert_param_names(ep))
+    for _ in range(steps):
+        opt_r.zero_grad()
+        (ref(x) * gy).sum().backward()
+        opt_r.step()
+        opt_e.zero_grad()
+        (ep(x[lo:hi]) * gy[lo:hi]).sum().backward()
+        reduce_expert_grads(ep)
+        for n, p in ep.named_parameters():
+            if n not in names:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+        opt_e.step()
+    full = full_state_dict(ep)
+    for n, t in ref.state_dict().items():
+        # Adam divides by sqrt(v): a gradient entry near 0 turns last-bit differences of the
+        # sums over ranks into ~1e-7 of its step; a wrong gradient would be off by ~lr = 1e-2
+        torch.testing.assert_close(full[n], t, rtol=1e-6, atol=1e-6,
+                                   msg=lambda m: f"after {steps} Adam steps: {n}: {m}")
+
+
+def scenario_contiguous(rank, W):
+    for case in ("uneven", "even"):
+        ref = make_net()
+        ep = expert_parallel(copy.deepcopy(ref))
+        assert ep.moe1.experts.w_in.shape[0] == E // W
+        x, gy, bounds = global_batch(W, case)
+        check_step(rank, W, ref, ep, x, gy, bounds)
+        ref, ep = make_net(), expert_parallel(make_net())
+        train_steps(rank, W, ref, ep, x, gy, bounds)
+
+
+def scenario_one_expert(rank, W):
+    ref = make_net()
+    with torch.no_grad():  # every token's top-K is experts 7, 0, 1 (expert 7 on one rank takes all)
+        for m in (ref.moe1, ref.moe2):
+            m.router.weight.zero_()
+            m.router.weight[7] = 3.0
+            m.router.weight[0] = 1.0
+            m.router.weight[1] = 0.5
+    ep = expert_parallel(copy.deepcopy(ref))
+    x, gy, bounds = global_batch(W, "uneven")
+    x = x.abs() + 0.1  # positive inputs: the router's ranking is fixed
+    check_step(rank, W, ref, ep, x, gy, bounds)
+
+
+def scenario_planned_replicas(rank, W):
+    """Closed loop: record a trace on one process, plan W ranks with a spare slot each (the
+    planner replicates hot experts), train with that placement: equal to the single device."""
+    from moekit.planner import plan_placement
+
+    ref = make_net()
+    x, gy, bounds = global_batch(W, "uneven")
+    with moekit.trace.record(ref) as rec, torch.no_grad():
+        ref(x)
+    plan = plan_placement(rec.trace(), num_gpus=W, slots_per_gpu=E // W + 1, solver="greedy")
+    placement = plan.to_json_dict()
+    assert len(placement["physical_to_logical_map"][0]) > E  # some experts are replicated
+    ep = expert_parallel(copy.deepcopy(ref), placement=placement)
+    assert ep.moe1.experts.w_in.shape[0] == E // W + 1
+    check_step(rank, W, ref, ep, x, gy, bounds)
+    ref2, ep2 = make_net(), expert_parallel(make_net(), placement=placement)
+    train_steps(rank, W, ref2, ep2, x, gy, bounds)
+    # load_full_state_dict round trip
+    ep3 = expert_parallel(make_net(seed=5), placement=placement)
+    load_full_state_dict(ep3, ref2.state_dict())
+    full = full_state_dict(ep3)
+    for n, t in ref2.state_dict().items():
+        torch.testing.assert_close(full[n], t, rtol=0, atol=0, msg=n)
+
+
+def scenario_ddp(rank, W):
+    """Dense params under DDP (expert params ignored), loss = local mean: the model follows the
+    single device on the mean of the ranks' losses, with reduce_expert_grads(world_average=True)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ref = make_net()
+    ep = expert_parallel(make_net())
+    DDP._set_params_and_buffers_to_ignore_for_model(ep, expert_param_names(ep))
+    ddp = DDP(ep)
+    x, gy, bounds = global_batch(W, "even")
+    lo, hi = bounds[rank], bounds[rank + 1]
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_e = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for _ in range(3):
+        opt_r.zero_grad()
+        ((ref(x) * gy).sum() / W).backward()
+        opt_r.step()
+        opt_e.zero_grad()
+        (ddp(x[lo:hi]) * gy[lo:hi]).sum().backward()
+        reduce_expert_grads(ep, world_average=True)
+        opt_e.step()
+    full = full_state_dict(ep)
+    for n, t in ref.state_dict().items():
+        torch.testing.assert_close(full[n], t, rtol=1e-9, atol=1e-11, msg=f"DDP recipe: {n}")
+
+
+def scenario_errors(rank, W):
+    ref = make_net()
+    bad = {"physical_to_logical_map": [list(range(E))] * 2, "num_gpus": W + 1, "slots_per_gpu": E // (W + 1) + 1}
+    bad["physical_to_logical_map"] = [list(range(E)) + [0] * ((W + 1) * bad["slots_per_gpu"] - E)] * 2
+    _expect(ValueError, "num_gpus", lambda: expert_parallel(copy.deepcopy(ref), placement=bad))
+    other_model = {"physical_to_logical_map": [list(range(E)) + [0] * W] * 3, "num_gpus": W,
+                   "slots_per_gpu": E // W + 1}
+    _expect(ValueError, "layers", lambda: expert_parallel(copy.deepcopy(ref), placement=other_model))
+    mismatched = make_net(top_k=K if rank == 0 else K - 1)
+    _expect(ValueError, "top_k", lambda: expert_parallel(mismatched))
+    if E % W == 0:
+        odd = make_net()
+        for m in (odd.moe1, odd.moe2):
+            m.config = m.config.replace(num_experts=E)  # unchanged: placement None needs W | E
+    ep = expert_parallel(copy.deepcopy(ref))
+    _expect(ValueError, "already", lambda: expert_parallel(ep))
+
+
+def _expect(exc_type, text, fn):
+    try:
+        fn()
+    except exc_type as exc:
+        assert text in str(exc), f"{text!r} not in {exc}"
+        return
+    raise AssertionError(f"expected {exc_type.__name__} mentioning {text!r}")
+
+
+SCENARIOS = {"contiguous": scenario_contiguous, "one_expert": scenario_one_expert,
+             "planned_replicas": scenario_planned_replicas, "ddp": scenario_ddp, "errors": scenario_errors}
+
+
+def run(rank, W, port, names, out_dir):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
+                            timeout=timedelta(seconds=120))
+    try:
+        for name in names:
+            try:
+                SCENARIOS[name](rank, W)
+                status = "ok"
+            except Exception:
+                status = traceback.format_exc()
+            with open(os.path.join(out_dir, f"{name}.{rank}"), "w") as f:
+                f.write(status)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_fault(rank, W, port, mode, out_dir):
+    """Rank W-1 fails mid-step ('raise': raises and exits; 'hang': stays alive but never joins
+    the collective); the others must fail with ExpertParallelError within the timeout."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
+                            timeout=timedelta(seconds=60))
+    ep = expert_parallel(make_net(), timeout=timedelta(seconds=3))
+    x, gy, bounds = global_batch(W, "even")
+    ep(x[bounds[rank]:bounds[rank + 1]])  # one good step
+    if rank == W - 1:
+        if mode == "hang":
+            time.sleep(12)
+        os._exit(0)
+    t0 = time.time()
+    try:
+        ep(x[bounds[rank]:bounds[rank + 1]])
+        result = "no error"
+    except ExpertParallelError as exc:
+        result = f"ExpertParallelError after {time.time() - t0:.1f}s: {exc}"
+    with open(os.path.join(out_dir, f"fault.{rank}"), "w") as f:
+        f.write(result)
+    os._exit(0)
