@@ -72,8 +72,12 @@ def weighted_combine(y_ND: torch.Tensor, order_N: torch.Tensor, topk_weights_TK:
     (a fixed-order weighted sum; dropped slots count as zero rows). Shared by every dispatcher."""
     T, K = topk_weights_TK.shape
     D = y_ND.shape[-1]
-    slots = y_ND.new_zeros(T * K, D) if num_dropped else y_ND.new_empty(T * K, D)
-    slots_TKD = slots.index_copy_(0, order_N, y_ND).view(T, K, D)  # in place: no copy of the buffer
+    if num_dropped:  # dropped slots stay zero rows
+        slots_TKD = y_ND.new_zeros(T * K, D).index_copy_(0, order_N, y_ND).view(T, K, D)
+    else:  # a gather by the inverse permutation (measured faster than the scatter on CPU)
+        inv_N = torch.empty_like(order_N)
+        inv_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        slots_TKD = permute_rows(y_ND, inv_N).view(T, K, D)
     w_T1K = topk_weights_TK.to(y_ND.dtype).unsqueeze(1)
     return torch.bmm(w_T1K, slots_TKD).squeeze(1)
 
@@ -81,6 +85,40 @@ def weighted_combine(y_ND: torch.Tensor, order_N: torch.Tensor, topk_weights_TK:
 def gather_rows(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
     """``x_TD[order_N // K]`` with an exact, deterministic backward (see :class:`_GatherRows`)."""
     return _GatherRows.apply(x_TD, order_N, top_k)
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[perm]`` for a permutation ``perm`` of the rows; its backward scatters back (exact)."""
+    return _Permute.apply(x, perm)
+
+
+def unpermute_rows(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`permute_rows`: ``out[perm] = y``."""
+    return _Unpermute.apply(y, perm)
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm):
+        ctx.save_for_backward(perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        (perm,) = ctx.saved_tensors
+        return _Unpermute.apply(g, perm), None
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, perm):
+        ctx.save_for_backward(perm)
+        return y.new_empty(y.shape).index_copy_(0, perm, y)
+
+    @staticmethod
+    def backward(ctx, g):
+        (perm,) = ctx.saved_tensors
+        return _Permute.apply(g, perm), None
 
 
 class _GatherRows(torch.autograd.Function):

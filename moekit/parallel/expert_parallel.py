@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.dispatch import gather_rows, weighted_combine
+from moekit.dispatch import gather_rows, permute_rows, unpermute_rows, weighted_combine
 from moekit.experts import GroupedExperts
 from moekit.layer import MoELayer, moe_layers
 from moekit.parallel import comm
@@ -104,7 +104,7 @@ class AllToAllDispatcher:
         x_sorted = gather_rows(x_TD, order_N, K)
         x_recv = comm.all_to_all_rows(x_sorted, recv_splits, send_splits, self.group, self.timeout, what)
         perm_M = _source_to_slot_order(recv_WS)
-        x_MD = _Permute.apply(x_recv, perm_M)
+        x_MD = permute_rows(x_recv, perm_M)
         remote = sum(n for q, n in enumerate(send_splits) if q != self.rank)
         self.rows_remote += remote
         self.bytes_sent += remote * x_TD.shape[-1] * x_TD.element_size()
@@ -113,7 +113,7 @@ class AllToAllDispatcher:
 
     def combine(self, y_MD: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
         """Expert outputs back to their tokens' ranks, then the weighted sum over K."""
-        y_recv = _Unpermute.apply(y_MD, ctx.perm_M)
+        y_recv = unpermute_rows(y_MD, ctx.perm_M)
         y_sorted = comm.all_to_all_rows(y_recv, ctx.send_splits, ctx.recv_splits, self.group, self.timeout,
                                         f"combine of layer {self.name!r}")
         remote = sum(n for q, n in enumerate(ctx.recv_splits) if q != self.rank)
@@ -127,34 +127,6 @@ def _source_to_slot_order(recv_WS: torch.Tensor) -> torch.Tensor:
     W, S = recv_WS.shape
     slot_of_row = torch.repeat_interleave(torch.arange(W * S, device=recv_WS.device) % S, recv_WS.reshape(-1))
     return torch.sort(slot_of_row, stable=True).indices
-
-
-class _Permute(torch.autograd.Function):
-    """``x[perm]`` for a permutation; backward scatters back (exact, no accumulation)."""
-
-    @staticmethod
-    def forward(ctx, x, perm):
-        ctx.save_for_backward(perm)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, g):
-        (perm,) = ctx.saved_tensors
-        return _Unpermute.apply(g, perm), None
-
-
-class _Unpermute(torch.autograd.Function):
-    """Inverse of :class:`_Permute`: ``out[perm] = y``."""
-
-    @staticmethod
-    def forward(ctx, y, perm):
-        ctx.save_for_backward(perm)
-        return y.new_empty(y.shape).index_copy_(0, perm, y)
-
-    @staticmethod
-    def backward(ctx, g):
-        (perm,) = ctx.saved_tensors
-        return _Permute.apply(g, perm), None
 
 
 # ---- conversion ----------------------------------------------------------------------------------
