@@ -26,3 +26,13 @@ def test_bench_layer_quick_ends_with_json():
             assert shape["floor"]["fwd"]["ms"] > 0
             for name, v in shape["variants"].items():  # every peer ran and matched, or says why not
                 assert "skipped" in v or "fwd_ms" in v, name
+
+
+def test_bench_ep_quick_sends_only_routed_rows():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_ep.py"), "--quick"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    by_w = {r["W"]: r for r in summary["results"]}
+    assert by_w[1]["bytes_rows_per_rank_step"] == 0
+    assert by_w[2]["bytes_min_per_rank_step"] > 0 and by_w[2]["byte_ratio"] == 1.0

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SMOKE_ARGS = {"train_byte_lm.py": ["--steps", "3", "--trace", "trace.npz"]}
+SMOKE_ARGS = {"train_byte_lm.py": ["--steps", "3", "--trace", "trace.npz"],
+              # starts torchrun itself (2 ranks, gloo) when not launched by it
+              "train_expert_parallel.py": ["--ranks", "2", "--steps", "3", "--save", "full.pt"]}
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
@@ -21,3 +23,14 @@ def test_example_runs(script, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     if script == "train_byte_lm.py":
         assert (tmp_path / "trace.npz").exists() and "loss" in out.stdout
+    if script == "train_expert_parallel.py":  # the saved state dict is the unconverted model's
+        import torch
+
+        from moekit import MoEConfig
+        from moekit.demo import ByteMoELM
+
+        assert "W=2" in out.stdout and "sent" in out.stdout
+        full = torch.load(tmp_path / "full.pt")
+        ref = ByteMoELM(MoEConfig(hidden_size=128, ffn_hidden_size=256, num_experts=8, top_k=2), n_layers=4,
+                        n_heads=4, max_seq_len=128).state_dict()
+        assert {k: tuple(v.shape) for k, v in full.items()} == {k: tuple(v.shape) for k, v in ref.items()}
