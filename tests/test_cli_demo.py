@@ -20,7 +20,7 @@ from moekit.cli.demo import OUT_FILES, flag_hint
 # the smallest demo: about a second of training
 TINY = ["--steps", "2", "--layers", "1", "--experts", "4", "--d-model", "16", "--ffn", "16", "--heads", "2",
         "--batch-size", "2", "--seq-len", "16", "--corpus-mb", "0.05", "--trace-batches", "1",
-        "--sample-bytes", "0", "--plan-gpus", "0"]
+        "--sample-bytes", "0", "--plan-gpus", "0", "--ep-ranks", "0"]
 
 
 def _refused(capsys, *argv: str) -> str:
@@ -106,6 +106,14 @@ def test_good_out_dir_is_made_and_written(tmp_path, capsys):
     (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     (["--aux-loss-coef", "-0.1"], "--aux-loss-coef must be a finite number >= 0, got -0.1"),
     (["--corpus-mb", "0.0001", "--seq-len", "64"], "--corpus-mb 0.0001 (104 bytes) is too small for --seq-len 64"),
+    (["--ep-ranks", "-1"], "--ep-ranks must be >= 0, got -1"),
+    (["--ep-ranks", "1"], "--ep-ranks 1: the expert-parallel step needs at least 2 ranks"),
+    (["--ep-ranks", "3"], "--ep-ranks 3 exceeds --batch-size 2"),
+    (["--ep-ranks", "2", "--ep-steps", "0"], "--ep-steps must be >= 1, got 0"),
+    (["--ep-ranks", "2", "--ep-slots-per-rank", "-1"], "--ep-slots-per-rank must be >= 0, got -1"),
+    (["--ep-ranks", "2", "--ep-slots-per-rank", "5"], "--ep-slots-per-rank 5 exceeds --experts 4"),
+    (["--ep-ranks", "2", "--ep-slots-per-rank", "1"],
+     "--ep-slots-per-rank 1 x --ep-ranks 2 = 2 slots is fewer than --experts 4"),
 ])
 def test_flag_errors_name_flags(argv, message, tmp_path, capsys):
     err = _refused(capsys, *TINY, *argv, "--out-dir", str(tmp_path / "out"))

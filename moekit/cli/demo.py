@@ -1,5 +1,7 @@
 """`moekit demo`: train a byte-level MoE LM on the stdlib's source, show expert load,
-record a routing trace of the trained model and plan an expert placement from it.
+record a routing trace of the trained model and plan an expert placement from it; then
+train the model a few steps expert parallel over local processes on a placement planned
+from that trace, and compare with the same steps on one process.
 
 Every flag is checked before any work starts (a bad value, a --top-k above --experts, an
 --out-dir that cannot be written): the error names the flag and the exit code is 2."""
@@ -22,7 +24,9 @@ from moekit.config import BACKEND_CHOICES
 log = logging.getLogger("moekit.demo")
 
 # files the demo writes into --out-dir
-OUT_FILES = ("model.pt", "routing.trace.npz", "placement.json")
+OUT_FILES = ("model.pt", "routing.trace.npz", "placement.json", "placement-ep.json")
+
+EP_TIMEOUT_S = 180.0  # the expert-parallel step's processes are stopped after this long
 
 # library names (MoEConfig fields, ByteMoELM and planner arguments) -> the demo's flags,
 # so an error raised by the library reads in the user's terms
@@ -56,6 +60,19 @@ def add_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--plan-gpus", type=int, default=4,
                    help="GPUs to plan an expert placement for from the recorded trace; must divide "
                         "--experts (0: skip planning)")
+    p.add_argument("--ep-ranks", type=int, default=2,
+                   help="local processes (gloo) for the expert-parallel step: a placement for that many GPUs "
+                        "is planned from the recorded trace (ILP, written to placement-ep.json), the trained "
+                        "model is converted with moekit.parallel.expert_parallel onto it and trains "
+                        "--ep-steps Adam steps, each global batch of --batch-size sequences split over the "
+                        "ranks; a single-process copy takes the same steps, and the losses, the final "
+                        "parameters and the bytes each rank sent are compared (>= 2, at most --batch-size; "
+                        f"the processes are stopped after {EP_TIMEOUT_S:g} s; 0: skip the step)")
+    p.add_argument("--ep-steps", type=int, default=3, help="training steps of the expert-parallel step")
+    p.add_argument("--ep-slots-per-rank", type=int, default=0,
+                   help="expert slots per rank in the expert-parallel step's plan; slots beyond --experts "
+                        "in all hold replicas of the busiest experts, which split their tokens (0: "
+                        "ceil(--experts / --ep-ranks) + 1, so each rank has a spare slot; at most --experts)")
     p.add_argument("--sample-bytes", type=int, default=160,
                    help="bytes of text sampled from the trained model (0: no sample)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -83,10 +100,10 @@ def flag_hint(message: str) -> str:
 def check_args(args: argparse.Namespace) -> str | None:
     """Every check that needs no work done: the first problem, in the flags' terms, or None."""
     for name in ("steps", "batch_size", "seq_len", "d_model", "layers", "heads", "experts", "top_k", "ffn",
-                 "trace_batches"):
+                 "trace_batches", "ep_steps"):
         if getattr(args, name) < 1:
             return f"{_flag(name)} must be >= 1, got {getattr(args, name)}"
-    for name in ("plan_gpus", "sample_bytes", "threads"):
+    for name in ("plan_gpus", "sample_bytes", "threads", "ep_ranks", "ep_slots_per_rank"):
         if getattr(args, name) < 0:
             return f"{_flag(name)} must be >= 0, got {getattr(args, name)}"
     for name, low in (("lr", "> 0"), ("corpus_mb", "> 0"), ("aux_loss_coef", ">= 0")):
@@ -101,6 +118,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         divisors = [g for g in range(1, args.experts + 1) if args.experts % g == 0]
         return (f"--plan-gpus {args.plan_gpus} does not divide --experts {args.experts} (each GPU holds "
                 f"E/G experts); pass --plan-gpus one of {divisors}, or --plan-gpus 0 to skip planning")
+    problem = _check_ep_args(args)
+    if problem:
+        return problem
     from moekit.demo import min_corpus_bytes
 
     corpus_bytes = int(args.corpus_mb * (1 << 20))
@@ -120,6 +140,32 @@ def check_args(args: argparse.Namespace) -> str | None:
     except (TypeError, ValueError) as exc:
         return flag_hint(str(exc))
     return check_out_dir(args.out_dir)
+
+
+def ep_slots_per_rank(args: argparse.Namespace) -> int:
+    """Slots per rank of the expert-parallel step's plan: --ep-slots-per-rank, or by default
+    one more than an even split needs (a spare slot per rank for a replica), at most E."""
+    if args.ep_slots_per_rank:
+        return args.ep_slots_per_rank
+    return min(-(-args.experts // args.ep_ranks) + 1, args.experts)
+
+
+def _check_ep_args(args: argparse.Namespace) -> str | None:
+    W = args.ep_ranks
+    if not W:
+        return None
+    if W == 1:
+        return "--ep-ranks 1: the expert-parallel step needs at least 2 ranks (--ep-ranks 0 skips it)"
+    if W > args.batch_size:
+        return (f"--ep-ranks {W} exceeds --batch-size {args.batch_size}: the step splits each global batch of "
+                f"--batch-size sequences over the ranks, at least one each (--ep-ranks 0 skips the step)")
+    S = ep_slots_per_rank(args)
+    if S > args.experts:
+        return (f"--ep-slots-per-rank {S} exceeds --experts {args.experts}: a rank would hold an expert twice")
+    if S * W < args.experts:
+        return (f"--ep-slots-per-rank {S} x --ep-ranks {W} = {S * W} slots is fewer than --experts "
+                f"{args.experts}; pass --ep-slots-per-rank >= {-(-args.experts // W)} (or 0 for the default)")
+    return None
 
 
 def check_out_dir(out_dir: Path) -> str | None:
@@ -218,8 +264,12 @@ def run(args: argparse.Namespace) -> int:
                "trace": str(trace_path)}
     if args.plan_gpus:
         summary["plan"] = _plan_step(trace_path, args.plan_gpus, args.out_dir)
+    rc = 0
+    if args.ep_ranks:
+        summary["ep"] = _ep_step(args, model, batches, trace_path)
+        rc = 1 if "error" in summary["ep"] else 0
     print(json.dumps(summary))
-    return 0
+    return rc
 
 
 def _flag(dest: str) -> str:
@@ -252,3 +302,40 @@ def _plan_step(trace_path: Path, gpus: int, out_dir: Path) -> dict:
     return {"method": best.method, "max_mean_load": round(best.max_mean_load, 4),
             "cross_gpu_frac": round(float(best.metrics.get("cross_gpu_frac", float("nan"))), 4),
             "placement": str(out)}
+
+
+def _ep_step(args: argparse.Namespace, model, batches, trace_path: Path) -> dict:
+    """Plan for --ep-ranks GPUs from the recorded trace, then train expert parallel over that
+    many local processes against one process (moekit.demo_ep): the summary's ``ep`` entry."""
+    import torch
+
+    from moekit import planner
+    from moekit.demo_ep import EPStepError, ep_table, ep_train_check
+
+    W, S = args.ep_ranks, ep_slots_per_rank(args)
+    out = args.out_dir / "placement-ep.json"
+    print(f"\nexpert-parallel step: planning for {W} GPUs x {S} slots from the recorded trace (same as: moekit "
+          f"plan --trace {trace_path} --gpus {W} --slots-per-gpu {S} --out {out})")
+    try:
+        plan = planner.plan_placement(planner.read_trace(trace_path), num_gpus=W, slots_per_gpu=S,
+                                      time_limit=20.0)
+    except ValueError as exc:  # check_args rules out too few or too many slots
+        print(f"expert-parallel step skipped: {flag_hint(str(exc))}")
+        return {"skipped": flag_hint(str(exc))}
+    planner.write_placement_json(out, plan)
+    global_batches = [batches.sample("train") for _ in range(args.ep_steps)]
+    per_rank = [len(part) for part in torch.tensor_split(global_batches[0][0], W)]
+    print(f"placement ({plan.method}, max/mean load {plan.max_mean_load:.4f}) -> {out}; training "
+          f"{args.ep_steps} Adam steps (lr {args.lr:g}, aux-loss gradient off on both sides) on "
+          f"{W} local processes, {'/'.join(map(str, per_rank))} of {args.batch_size} sequences each, "
+          f"and on one process:")
+    try:
+        res = ep_train_check(model, global_batches, placement=out, world_size=W, lr=args.lr, timeout=EP_TIMEOUT_S)
+    except EPStepError as exc:
+        print(f"moekit demo: error: {exc}", file=sys.stderr)
+        return {"error": str(exc), "placement": str(out)}
+    reps = "; ".join(f"layer {l}: {r}" for l, r in enumerate(res.replicated_experts) if r) or "none"
+    print(f"replicated experts: {reps}")
+    print(ep_table(res))
+    print(f"({res.seconds:.1f} s for the {W} processes, start-up included)")
+    return res.to_json_dict()
