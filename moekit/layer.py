@@ -7,7 +7,7 @@ Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, B batch,
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,18 @@ from moekit.router import Routing, TopKRouter, apply_capacity, count_per_expert,
 
 RoutingObserver = Callable[["MoELayer", Routing], None]
 RoutingTransform = Callable[[Routing], Routing]
+
+
+class GlobalBatch(Protocol):
+    """What a layer whose tokens are split over ranks (expert parallel) asks of the other ranks,
+    so capacity and losses are those of the single-device layer on the global batch."""
+
+    def totals(self, tokens_per_expert_E: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens_per_expert_E summed over ranks, the global T as an int64 0-d tensor)."""
+
+    def apply_capacity(self, routing: Routing, capacity: Optional[int], drop_policy: str,
+                       global_tokens_per_expert_E: torch.Tensor) -> Routing:
+        """:func:`~moekit.router.apply_capacity` decided on the global batch; this rank's part."""
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -72,6 +84,8 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         self.routing_transform: Optional[RoutingTransform] = None
         self.aux_loss_scale: float | torch.Tensor = 1.0
+        # Statistics over the tokens of several ranks (expert parallel): None = this call's tokens
+        self.global_batch: Optional[GlobalBatch] = None
         if config.num_shared_experts:
             self.shared_expert = DenseMLP(config.hidden_size, config.shared_hidden, config.activation,
                                           config.init_std)
@@ -100,9 +114,15 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD)
         with torch.no_grad():
             self.expert_load += routing.tokens_per_expert_E
-        losses = self._compute_losses(routing, shape)
-        capacity = expert_capacity(cfg, x_TD.shape[0], routing.tokens_per_expert_E)
-        routing = apply_capacity(routing, capacity, cfg.drop_policy)
+        totals = self._batch_totals(routing)
+        losses = self._compute_losses(routing, shape, totals)
+        if cfg.capacity_factor is not None:
+            counts_E, T_all = totals if totals is not None else (routing.tokens_per_expert_E, routing.num_tokens)
+            capacity = expert_capacity(cfg, int(T_all), counts_E)
+            if self.global_batch is None:
+                routing = apply_capacity(routing, capacity, cfg.drop_policy)
+            else:
+                routing = self.global_batch.apply_capacity(routing, capacity, cfg.drop_policy, counts_E)
         self.tokens_per_expert.copy_(routing.tokens_per_expert_E)
         for observe in self._observers:
             observe(self, routing)
@@ -120,6 +140,19 @@ class MoELayer(nn.Module):
             y_TD = _AttachLoss.apply(y_TD, sum(losses.values()), self)
         return y_TD.view(shape)
 
+    def _batch_totals(self, routing: Routing):
+        """(tokens_per_expert_E, T) over the global batch when ``global_batch`` is set and the
+        capacity or a loss needs them (a collective: the condition is the same on every rank);
+        else None. T is an int64 0-d tensor."""
+        cfg = self.config
+        if self.global_batch is None:
+            return None
+        wants_losses = self.training and torch.is_grad_enabled() and (
+            cfg.aux_loss_coef > 0 or cfg.seq_aux_loss_coef > 0 or cfg.z_loss_coef > 0)
+        if cfg.capacity_factor is None and not wants_losses:
+            return None
+        return self.global_batch.totals(routing.tokens_per_expert_E, routing.num_tokens)
+
     def _check_input(self, hidden: torch.Tensor) -> None:
         if not isinstance(hidden, torch.Tensor):
             raise TypeError(f"MoELayer input must be a torch.Tensor, got {type(hidden).__name__}")
@@ -134,30 +167,48 @@ class MoELayer(nn.Module):
                             f"cast one of them (layer.to(dtype) or input.to(dtype))")
 
     # ---- losses -------------------------------------------------------------------------------
-    def _compute_losses(self, routing: Routing, shape: torch.Size) -> dict[str, torch.Tensor]:
+    def _compute_losses(self, routing: Routing, shape: torch.Size, totals=None) -> dict[str, torch.Tensor]:
         """Weighted loss terms (in the graph) of a training forward; also stored detached
-        on the layer as ``aux_loss``, ``seq_aux_loss``, ``z_loss`` for logging."""
+        on the layer as ``aux_loss``, ``seq_aux_loss``, ``z_loss`` for logging.
+
+        With ``totals = (tokens_per_expert_E, T)`` of a global batch (expert parallel), each
+        term is this rank's share: counts are global and sums over tokens are divided by the
+        global T, so the shares of all ranks add up to the single-device value on the global
+        batch, and so do their gradients."""
         cfg = self.config
         self.aux_loss = self.seq_aux_loss = self.z_loss = None
         losses: dict[str, torch.Tensor] = {}
-        if not (self.training and torch.is_grad_enabled()) or routing.num_tokens == 0:
+        if not (self.training and torch.is_grad_enabled()):
             return losses
+        if totals is None:
+            if routing.num_tokens == 0:
+                return losses
+            counts_E, T_all = routing.tokens_per_expert_E, routing.num_tokens
+        else:
+            counts_E, T_all = totals
+            if int(T_all) == 0:
+                return losses
         if cfg.aux_loss_coef > 0:
             losses["aux_loss"] = cfg.aux_loss_coef * switch_aux_loss(
                 routing.scores_TE, routing.topk_ids_TK, cfg.top_k, cfg.aux_loss_norm, cfg.router == "sigmoid",
-                counts_E=routing.tokens_per_expert_E)
+                counts_E=counts_E, num_tokens=T_all)
         if cfg.seq_aux_loss_coef > 0:
             if len(shape) < 3:
                 raise ValueError(f"seq_aux_loss_coef needs input shaped [B, S, D], got {tuple(shape)}")
             S = shape[-2]
             B = routing.num_tokens // S
-            scores_BSE = routing.scores_TE.view(B, S, -1)
-            ids_BSK = routing.topk_ids_TK.view(B, S, -1)
+            scores_BSE = routing.scores_TE.view(B, S, cfg.num_experts)
+            ids_BSK = routing.topk_ids_TK.view(B, S, cfg.top_k)
             per_seq = [switch_aux_loss(scores_BSE[b], ids_BSK[b], cfg.top_k, cfg.aux_loss_norm,
                                        cfg.router == "sigmoid") for b in range(B)]
-            losses["seq_aux_loss"] = cfg.seq_aux_loss_coef * torch.stack(per_seq).mean()
+            if totals is None:
+                seq_loss = torch.stack(per_seq).mean()
+            else:  # this rank's sequences' share of the mean over every rank's sequences
+                seq_loss = (torch.stack(per_seq).sum() if per_seq else routing.scores_TE.sum() * 0.0) / (T_all // S)
+            losses["seq_aux_loss"] = cfg.seq_aux_loss_coef * seq_loss
         if cfg.z_loss_coef > 0:
-            losses["z_loss"] = cfg.z_loss_coef * torch.logsumexp(routing.logits_TE, dim=-1).square().mean()
+            z_T = torch.logsumexp(routing.logits_TE, dim=-1).square()
+            losses["z_loss"] = cfg.z_loss_coef * (z_T.mean() if totals is None else z_T.sum() / T_all)
         for name, value in losses.items():
             setattr(self, name, value.detach())
         return losses
@@ -195,16 +246,22 @@ class MoELayer(nn.Module):
 
 
 def switch_aux_loss(scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, top_k: int, norm: str,
-                    normalize_scores: bool = False, counts_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    normalize_scores: bool = False, counts_E: Optional[torch.Tensor] = None,
+                    num_tokens: Optional[int | torch.Tensor] = None) -> torch.Tensor:
     """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e`` (unweighted).
 
     f_e: top-k selections of expert e per token, divided by T (``norm="hf"``, sums to K,
     equals HF's ``load_balancing_loss_func`` for one layer) or by T*K (``"megatron"``,
     sums to 1). P_e: mean router probability (sigmoid scores normalised per token first).
     Ids of -1 are ignored. ``counts_E`` (int [E], selections per expert) is counted from the
-    ids when not given (the layer passes the router's own count).
+    ids when not given (the layer passes the router's own count). With ``num_tokens`` (the
+    global batch's T, and ``counts_E`` its counts), the result is this shard's share: P_e sums
+    this shard's scores divided by the global T, so shares add up to the global loss.
     """
     T, E = scores_TE.shape
+    share = num_tokens is not None
+    if not share:
+        num_tokens = T
     if T == 0:
         return scores_TE.sum() * 0.0
     if normalize_scores:
@@ -212,8 +269,8 @@ def switch_aux_loss(scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, top_k: i
     if counts_E is None:
         counts_E = count_per_expert(topk_ids_TK, E)
     counts_E = counts_E.to(scores_TE.dtype)
-    f_E = counts_E / (T if norm == "hf" else T * top_k)
-    P_E = scores_TE.mean(0)
+    f_E = counts_E / (num_tokens if norm == "hf" else num_tokens * top_k)
+    P_E = scores_TE.sum(0) / num_tokens if share else scores_TE.mean(0)
     return E * (f_E * P_E).sum()
 
 

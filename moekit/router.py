@@ -140,11 +140,20 @@ def apply_capacity(routing: Routing, capacity: Optional[int], drop_policy: str) 
     """
     if capacity is None:
         return routing
-    ids_TK, weights_TK = routing.topk_ids_TK, routing.topk_weights_TK
-    T, K = ids_TK.shape
-    E = routing.tokens_per_expert_E.numel()
     if int(routing.tokens_per_expert_E.max()) <= capacity:
         return routing
+    keep_TK = capacity_keep(routing.topk_ids_TK, routing.topk_weights_TK, routing.tokens_per_expert_E,
+                            capacity, drop_policy)
+    return drop_assignments(routing, keep_TK)
+
+
+def capacity_keep(ids_TK: torch.Tensor, weights_TK: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                  capacity: int, drop_policy: str) -> torch.Tensor:
+    """bool [T, K]: which assignments fit in ``capacity`` per expert (see :func:`apply_capacity`).
+    ``tokens_per_expert_E`` must count ``ids_TK``. The expert-parallel layer calls it on the
+    global batch's ids and weights, so drops are the single-device layer's."""
+    T, K = ids_TK.shape
+    E = tokens_per_expert_E.numel()
     flat_ids = ids_TK.flatten()
     n = flat_ids.numel()
     position = torch.arange(n, device=ids_TK.device)
@@ -156,14 +165,19 @@ def apply_capacity(routing: Routing, capacity: Optional[int], drop_policy: str) 
         order = torch.sort(flat_ids, stable=True).indices
     sorted_ids = flat_ids[order]
     starts_E = torch.zeros(E + 1, dtype=torch.long, device=ids_TK.device)
-    starts_E[1:] = torch.cumsum(routing.tokens_per_expert_E, 0)
+    starts_E[1:] = torch.cumsum(tokens_per_expert_E, 0)
     rank_in_expert = position - starts_E[sorted_ids]
     keep_sorted = rank_in_expert < capacity
     keep = torch.empty(n, dtype=torch.bool, device=ids_TK.device)
     keep[order] = keep_sorted
-    keep_TK = keep.view(T, K)
+    return keep.view(T, K)
+
+
+def drop_assignments(routing: Routing, keep_TK: torch.Tensor) -> Routing:
+    """``routing`` with the assignments where ``keep_TK`` is False marked -1 (weight 0)."""
+    ids_TK, weights_TK = routing.topk_ids_TK, routing.topk_weights_TK
     new_ids = ids_TK.masked_fill(~keep_TK, -1)
     new_weights = weights_TK.masked_fill(~keep_TK, 0.0)
-    counts_E = torch.minimum(routing.tokens_per_expert_E, torch.full_like(routing.tokens_per_expert_E, capacity))
+    counts_E = count_per_expert(new_ids, routing.tokens_per_expert_E.numel())
     num_dropped = int(routing.tokens_per_expert_E.sum()) - int(counts_E.sum())
     return Routing(new_ids, new_weights, routing.logits_TE, routing.scores_TE, counts_E, num_dropped)

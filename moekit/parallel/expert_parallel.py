@@ -35,6 +35,9 @@ from moekit.dispatch import gather_rows, permute_rows, unpermute_rows, weighted_
 from moekit.experts import GroupedExperts
 from moekit.layer import MoELayer, moe_layers
 from moekit.parallel import comm
+from moekit.parallel.global_batch import GroupBatch
+from moekit.parallel.hierarchical import HierarchicalTopology
+from moekit.parallel.hierarchical import all_to_all_rows as rows_all_to_all
 from moekit.parallel.placement import LayerPlacement, PlacementLike, resolve
 from moekit.router import Routing, count_per_expert
 
@@ -65,14 +68,17 @@ class _Ctx:
     send_splits: list[int]
     recv_splits: list[int]
     topk_weights_TK: torch.Tensor
+    num_dropped: int
 
 
 class AllToAllDispatcher:
     """The expert-parallel dispatcher: same two calls as :class:`~moekit.dispatch.LocalDispatcher`."""
 
     def __init__(self, group, placement: LayerPlacement, rank: int, name: str,
-                 timeout: timedelta = DEFAULT_TIMEOUT):
+                 timeout: timedelta = DEFAULT_TIMEOUT, rows_group=None):
         self.group, self.placement, self.rank, self.name, self.timeout = group, placement, rank, name, timeout
+        # where the token rows travel: ``group`` (flat) or a HierarchicalTopology over it (2DH)
+        self.rows_group = group if rows_group is None else rows_group
         self.bytes_sent = 0  # token-row bytes this rank sent to other ranks (dispatch + combine)
         self.rows_remote = 0  # assignments whose expert slot is on another rank
         self._tables = None
@@ -90,35 +96,40 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         """x_TD [T, D] -> (x_MD rows for this rank's slots, sorted by slot; tokens_per_slot_S; ctx)."""
-        if routing.num_dropped:
-            raise NotImplementedError("expert parallel runs dropless (capacity_factor=None) for now")
         pl, W, S = self.placement, self.placement.world_size, self.placement.slots_per_rank
         T, K = routing.topk_ids_TK.shape
-        slot_N = self._physical(routing.topk_ids_TK.reshape(-1))
+        ids_N = routing.topk_ids_TK.reshape(-1)
+        dropped = routing.num_dropped
+        if dropped:  # capacity dropped some (id -1): they sort first and are cut off
+            slot_N = torch.where(ids_N >= 0, self._physical(ids_N.clamp(min=0)), -1)
+        else:
+            slot_N = self._physical(ids_N)
         order_N = torch.sort(slot_N, stable=True).indices
+        if dropped:
+            order_N = order_N[dropped:]
         send_P = count_per_expert(slot_N, W * S)
         what = f"dispatch of layer {self.name!r}"
         recv_WS = comm.all_to_all_counts(send_P, self.group, self.timeout, what + " (counts)").view(W, S)
         send_splits = send_P.view(W, S).sum(1).tolist()  # host sync: the sizes of the exchange
         recv_splits = recv_WS.sum(1).tolist()
         x_sorted = gather_rows(x_TD, order_N, K)
-        x_recv = comm.all_to_all_rows(x_sorted, recv_splits, send_splits, self.group, self.timeout, what)
+        x_recv = rows_all_to_all(x_sorted, recv_splits, send_splits, self.rows_group, self.timeout, what)
         perm_M = _source_to_slot_order(recv_WS)
         x_MD = permute_rows(x_recv, perm_M)
         remote = sum(n for q, n in enumerate(send_splits) if q != self.rank)
         self.rows_remote += remote
         self.bytes_sent += remote * x_TD.shape[-1] * x_TD.element_size()
-        ctx = _Ctx(order_N, perm_M, send_splits, recv_splits, routing.topk_weights_TK)
+        ctx = _Ctx(order_N, perm_M, send_splits, recv_splits, routing.topk_weights_TK, dropped)
         return x_MD, recv_WS.sum(0), ctx
 
     def combine(self, y_MD: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
         """Expert outputs back to their tokens' ranks, then the weighted sum over K."""
         y_recv = unpermute_rows(y_MD, ctx.perm_M)
-        y_sorted = comm.all_to_all_rows(y_recv, ctx.send_splits, ctx.recv_splits, self.group, self.timeout,
-                                        f"combine of layer {self.name!r}")
+        y_sorted = rows_all_to_all(y_recv, ctx.send_splits, ctx.recv_splits, self.rows_group, self.timeout,
+                                   f"combine of layer {self.name!r}")
         remote = sum(n for q, n in enumerate(ctx.recv_splits) if q != self.rank)
         self.bytes_sent += remote * y_MD.shape[-1] * y_MD.element_size()
-        return weighted_combine(y_sorted, ctx.order_N, ctx.topk_weights_TK, 0)
+        return weighted_combine(y_sorted, ctx.order_N, ctx.topk_weights_TK, ctx.num_dropped)
 
 
 def _source_to_slot_order(recv_WS: torch.Tensor) -> torch.Tensor:
@@ -164,7 +175,7 @@ def _check_same_everywhere(sig: dict, group, what: str) -> None:
 
 
 def expert_parallel(model: nn.Module, group=None, *, placement: PlacementLike = None,
-                    timeout: timedelta = DEFAULT_TIMEOUT) -> nn.Module:
+                    timeout: timedelta = DEFAULT_TIMEOUT, ranks_per_node: Optional[int] = None) -> nn.Module:
     """Convert every MoELayer of ``model`` in place to run expert parallel over ``group``.
 
     Args:
@@ -177,6 +188,10 @@ def expert_parallel(model: nn.Module, group=None, *, placement: PlacementLike = 
             ``num_gpus`` must be W and its layers the model's MoE layers in module order.
         timeout: how long a collective waits for the other ranks before failing with an
             :class:`~moekit.parallel.comm.ExpertParallelError`.
+        ranks_per_node: None: one flat all-to-all over the group. L: Tutel's two-level (2DH)
+            all-to-all, intra-node then inter-node, with rank r on node r // L (L must divide W;
+            the group must span every process, since the node subgroups are created with
+            ``dist.new_group``). Same results as flat, fewer and larger inter-node messages.
 
     Returns ``model``. Each rank keeps only its slots' expert weights.
     """
@@ -203,14 +218,13 @@ def expert_parallel(model: nn.Module, group=None, *, placement: PlacementLike = 
     _check_same_everywhere(sig, group, "the model or the placement")  # collective: before raising
     if error is not None:
         raise error
+    rows_group = None if ranks_per_node is None else HierarchicalTopology(group, ranks_per_node)
     for (name, layer), pl in zip(layers, placements):
         if isinstance(layer.dispatcher, AllToAllDispatcher):
             raise ValueError(f"expert_parallel: layer {name!r} is already expert parallel")
-        if layer.config.capacity_factor is not None:
-            raise NotImplementedError(f"expert_parallel: layer {name!r} has capacity_factor="
-                                      f"{layer.config.capacity_factor}; expert parallel runs dropless for now")
         layer.experts = ExpertShard(layer.experts, pl.slots_of(rank))
-        layer.dispatcher = AllToAllDispatcher(group, pl, rank, name, timeout)
+        layer.dispatcher = AllToAllDispatcher(group, pl, rank, name, timeout, rows_group)
+        layer.global_batch = GroupBatch(group, timeout, name)
     return model
 
 
