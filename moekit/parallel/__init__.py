@@ -4,11 +4,15 @@
 - :func:`full_state_dict` / :func:`load_full_state_dict`: the unconverted model's state dict.
 - :func:`reduce_expert_grads`: replica gradient sums (and DDP-style averaging) before a step.
 - :func:`expert_param_names`: what DDP must leave to the expert-parallel layers.
+- :func:`save_checkpoint` / :func:`load_checkpoint`: DCP checkpoints in the unconverted layout,
+  loadable at any world size or placement and into the single-device model.
 """
 from moekit.parallel.comm import ExpertParallelError
+from moekit.parallel.checkpoint import load_checkpoint, save_checkpoint
 from moekit.parallel.expert_parallel import (AllToAllDispatcher, ExpertShard, expert_parallel,
                                              expert_param_names, full_state_dict, load_full_state_dict,
                                              reduce_expert_grads)
 
 __all__ = ["AllToAllDispatcher", "ExpertParallelError", "ExpertShard", "expert_parallel", "expert_param_names",
            "full_state_dict", "load_full_state_dict", "reduce_expert_grads"]
+__all__ += ["load_checkpoint", "save_checkpoint"]
