@@ -6,13 +6,15 @@
 - :func:`expert_param_names`: what DDP must leave to the expert-parallel layers.
 - :func:`save_checkpoint` / :func:`load_checkpoint`: DCP checkpoints in the unconverted layout,
   loadable at any world size or placement and into the single-device model.
+- :func:`shard_dense`: FSDP2 on the dense parameters, the experts left out (the FSDP2 recipe).
 """
 from moekit.parallel.comm import ExpertParallelError
 from moekit.parallel.checkpoint import load_checkpoint, save_checkpoint
 from moekit.parallel.expert_parallel import (AllToAllDispatcher, ExpertShard, expert_parallel,
                                              expert_param_names, full_state_dict, load_full_state_dict,
                                              reduce_expert_grads)
+from moekit.parallel.recipes import shard_dense
 
 __all__ = ["AllToAllDispatcher", "ExpertParallelError", "ExpertShard", "expert_parallel", "expert_param_names",
-           "full_state_dict", "load_full_state_dict", "reduce_expert_grads"]
+           "full_state_dict", "load_full_state_dict", "reduce_expert_grads", "shard_dense"]
 __all__ += ["load_checkpoint", "save_checkpoint"]
