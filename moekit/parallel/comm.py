@@ -67,3 +67,49 @@ def all_to_all_rows(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[i
     rows from rank q (in rank order). Differentiable (also twice: the backward is the same
     collective under autograd)."""
     return _AllToAllRows.apply(x_ND, list(out_splits), list(in_splits), group, timeout, what)
+
+
+def _collective(new: str, old: str):
+    return getattr(dist, new, None) or getattr(dist, old)  # torch 2.13 renamed the *_tensor collectives
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Rows of every rank, in rank order; the backward reduce-scatters (sums) the gradients."""
+
+    @staticmethod
+    def forward(ctx, x_ND, group, timeout, what: str):
+        ctx.group, ctx.timeout, ctx.what = group, timeout, what
+        W = dist.get_world_size(group)
+        out = x_ND.new_empty(W * x_ND.shape[0], *x_ND.shape[1:])
+        wait(_collective("all_gather_single", "all_gather_into_tensor")(out, x_ND.contiguous(), group=group,
+                                                                       async_op=True), timeout, what)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_WND):
+        return _ReduceScatterRows.apply(grad_WND.contiguous(), ctx.group, ctx.timeout, ctx.what + " (backward)"), \
+            None, None, None
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_WND, group, timeout, what: str):
+        ctx.group, ctx.timeout, ctx.what = group, timeout, what
+        W = dist.get_world_size(group)
+        out = x_WND.new_empty(x_WND.shape[0] // W, *x_WND.shape[1:])
+        wait(_collective("reduce_scatter_single", "reduce_scatter_tensor")(out, x_WND.contiguous(), group=group,
+                                                                          async_op=True), timeout, what)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        return _AllGatherRows.apply(grad_ND.contiguous(), ctx.group, ctx.timeout, ctx.what + " (backward)"), \
+            None, None, None
+
+
+def all_gather_rows(x_ND: torch.Tensor, group, timeout: timedelta, what: str) -> torch.Tensor:
+    """``cat([x_ND of rank 0, rank 1, ...])`` over ``group`` ([W*N, ...]); differentiable: the
+    gradient of each rank's rows is the sum over ranks (a reduce-scatter). Identity for W = 1."""
+    if dist.get_world_size(group) == 1:
+        return x_ND
+    return _AllGatherRows.apply(x_ND, group, timeout, what)

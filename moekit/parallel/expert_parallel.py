@@ -229,7 +229,10 @@ def expert_parallel(model: nn.Module, group=None, *, placement: PlacementLike = 
 
 
 def _ep_layers(model: nn.Module):
-    return [(n, m) for n, m in moe_layers(model) if isinstance(m.dispatcher, AllToAllDispatcher)]
+    """Layers whose experts are split over ranks: expert parallel, or adaptive (whose experts
+    have ``full_weights`` / ``load_full``, see :mod:`moekit.parallel.adaptive`)."""
+    return [(n, m) for n, m in moe_layers(model)
+            if isinstance(m.dispatcher, AllToAllDispatcher) or hasattr(m.experts, "full_weights")]
 
 
 def expert_param_names(model: nn.Module) -> list[str]:
@@ -248,6 +251,12 @@ def reduce_expert_grads(model: nn.Module, *, world_average: bool = False) -> Non
       dense gradients, so the whole model follows the mean of the ranks' losses.
     """
     for name, layer in _ep_layers(model):
+        if hasattr(layer.experts, "full_weights"):  # adaptive: the gather's backward summed the shards
+            if world_average:
+                for p in (layer.experts.w_in, layer.experts.w_out):
+                    if p.grad is not None:
+                        p.grad.div_(layer.experts.layout.world_size)
+            continue
         d: AllToAllDispatcher = layer.dispatcher
         pl, shard = d.placement, layer.experts
         params = [p for p in (shard.w_in, shard.w_out) if p.grad is not None]
@@ -280,6 +289,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ranks (an expert's first replica). A collective: call it on every rank."""
     sd = model.state_dict()
     for name, layer in _ep_layers(model):
+        if hasattr(layer.experts, "full_weights"):
+            sd[f"{name}.experts.w_in"], sd[f"{name}.experts.w_out"] = layer.experts.full_weights()
+            continue
         d: AllToAllDispatcher = layer.dispatcher
         first_slot = torch.tensor([r[0] for r in d.placement.replicas()], dtype=torch.long)
         for pname in ("w_in", "w_out"):
@@ -298,13 +310,17 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     its slots' rows of the full expert tensors. Returns ``load_state_dict``'s result."""
     sd = dict(state_dict)
     for name, layer in _ep_layers(model):
+        keys = [f"{name}.experts.{p}" for p in ("w_in", "w_out")]
+        E = layer.config.num_experts
+        for key in keys:
+            if key in sd and sd[key].shape[0] != E:
+                raise ValueError(f"{key} has {sd[key].shape[0]} experts, the model {E}")
+        if hasattr(layer.experts, "shard_of"):
+            if all(k in sd for k in keys):
+                sd[keys[0]], sd[keys[1]] = (t.contiguous() for t in layer.experts.shard_of(sd[keys[0]], sd[keys[1]]))
+            continue
         idx = torch.tensor(layer.experts.logical_ids, dtype=torch.long)
-        for pname in ("w_in", "w_out"):
-            key = f"{name}.experts.{pname}"
+        for key in keys:
             if key in sd:
-                full = sd[key]
-                E = layer.dispatcher.placement.num_experts
-                if full.shape[0] != E:
-                    raise ValueError(f"{key} has {full.shape[0]} experts, the model {E}")
-                sd[key] = full.index_select(0, idx.to(full.device))
+                sd[key] = sd[key].index_select(0, idx.to(sd[key].device))
     return model.load_state_dict(sd, strict=strict)

@@ -287,6 +287,85 @@ def scenario_hierarchical(rank, W):
         assert topo.traffic.exchanges > 0 and topo.num_nodes == W // L
 
 
+def _check_adaptive_step(rank, W, ref, ad, x, gy, bounds):
+    lo, hi = bounds[rank], bounds[rank + 1]
+    xr = x.clone().requires_grad_()
+    y_ref = ref(xr)
+    (y_ref * gy).sum().backward()
+    xe = x[lo:hi].clone().requires_grad_()
+    y = ad(xe)
+    (y * gy[lo:hi]).sum().backward()
+    torch.testing.assert_close(y, y_ref[lo:hi], **TOL)
+    torch.testing.assert_close(xe.grad, xr.grad[lo:hi], **TOL)
+    ref_params = dict(ref.named_parameters())
+    for name in ("moe1", "moe2"):
+        shard = ad.get_submodule(name).experts
+        w_in_g, w_out_g = shard.shard_of(ref_params[f"{name}.experts.w_in"].grad,
+                                         ref_params[f"{name}.experts.w_out"].grad)
+        torch.testing.assert_close(shard.w_in.grad, w_in_g, **TOL, msg=lambda m: f"{name} w_in grad: {m}")
+        torch.testing.assert_close(shard.w_out.grad, w_out_g, **TOL, msg=lambda m: f"{name} w_out grad: {m}")
+    for n, p in ad.named_parameters():
+        if ".experts." not in n:
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            torch.testing.assert_close(g, ref_params[n].grad, **TOL, msg=n)
+
+
+def scenario_adaptive(rank, W):
+    """Tutel's adaptive parallelism: E >= W (E=12: r in {0, 1}) and E < W (each expert's F
+    columns sharded over W/E ranks: r in {0, divisors of W/E}). Every r gives the single-device
+    result (forward, input grad, every grad); switching r every step of 3 Adam steps ends
+    where the single device does; 'auto' picks some valid r and logs it."""
+    from moekit.parallel.adaptive import adaptive_parallel, set_parallel_degree
+
+    E_small = {2: 1, 3: 1, 4: 2}[W]
+    for kw in (dict(), dict(num_experts=E_small, top_k=1), dict(num_experts=E_small, top_k=1, activation="gelu")):
+        ref = make_net(**kw)
+        ad = adaptive_parallel(copy.deepcopy(ref), r=1)
+        degrees = ad.moe1.dispatcher.layout.degrees()
+        assert degrees == ([0, 1] if not kw else [0] + [d for d in range(1, W // E_small + 1) if (W // E_small) % d == 0])
+        x, gy, bounds = global_batch(W, "uneven")
+        for r in degrees:
+            set_parallel_degree(ad, r)
+            ref.zero_grad()
+            ad.zero_grad()
+            _check_adaptive_step(rank, W, ref, ad, x, gy, bounds)
+            assert ad.moe1.dispatcher.last_r == r
+        # switch r every step: parameters follow the single device
+        ref, ad = make_net(**kw), adaptive_parallel(make_net(**kw), r=0)
+        # eps 1e-6: with E=2, K=1 some router gradients are ~1e-9, below Adam's default eps,
+        # where Adam turns fp32-router rounding into steps of ~1e-4 (gradients are checked above)
+        opt_r = torch.optim.Adam(ref.parameters(), lr=1e-2, eps=1e-6)
+        opt_a = torch.optim.Adam(ad.parameters(), lr=1e-2, eps=1e-6)
+        lo, hi = bounds[rank], bounds[rank + 1]
+        for step in range(3):
+            set_parallel_degree(ad, degrees[(step + 1) % len(degrees)])
+            opt_r.zero_grad()
+            (ref(x) * gy).sum().backward()
+            opt_r.step()
+            opt_a.zero_grad()
+            (ad(x[lo:hi]) * gy[lo:hi]).sum().backward()
+            reduce_expert_grads(ad)
+            for n, p in ad.named_parameters():
+                if ".experts." not in n:
+                    dist.all_reduce(p.grad)
+            opt_a.step()
+        full = full_state_dict(ad)
+        for n, t in ref.state_dict().items():
+            torch.testing.assert_close(full[n], t, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw} {n}: {m}")
+        ad2 = adaptive_parallel(make_net(seed=7, **kw), r="auto")
+        load_full_state_dict(ad2, ref.state_dict())
+        full2 = full_state_dict(ad2)
+        for n, t in ref.state_dict().items():
+            assert torch.equal(full2[n], t), n
+        with torch.no_grad():
+            torch.testing.assert_close(ad2(x[lo:hi]), ref(x)[lo:hi], **TOL)
+        assert ad2.moe1.dispatcher.last_r in degrees
+    _expect(ValueError, "valid", lambda: adaptive_parallel(make_net(num_experts=E_small, top_k=1), r=W + 1))
+    if W == 4:
+        _expect(ValueError, "divide", lambda: adaptive_parallel(make_net(num_experts=3, top_k=1), r=0))
+
+
 def _expect(exc_type, text, fn):
     try:
         fn()
@@ -298,7 +377,8 @@ def _expect(exc_type, text, fn):
 
 SCENARIOS = {"contiguous": scenario_contiguous, "one_expert": scenario_one_expert,
              "planned_replicas": scenario_planned_replicas, "ddp": scenario_ddp, "errors": scenario_errors,
-             "capacity": scenario_capacity, "losses": scenario_losses, "hierarchical": scenario_hierarchical}
+             "capacity": scenario_capacity, "losses": scenario_losses, "hierarchical": scenario_hierarchical,
+             "adaptive": scenario_adaptive}
 
 
 def run(rank, W, port, names, out_dir):
