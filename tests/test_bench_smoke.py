@@ -36,3 +36,14 @@ def test_bench_ep_quick_sends_only_routed_rows():
     by_w = {r["W"]: r for r in summary["results"]}
     assert by_w[1]["bytes_rows_per_rank_step"] == 0
     assert by_w[2]["bytes_min_per_rank_step"] > 0 and by_w[2]["byte_ratio"] == 1.0
+
+
+def test_bench_adaptive_quick_times_every_degree():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_adaptive.py"), "--quick", "--world", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in summary["results"]:
+        degrees = {"0", "1", "2"} if r["E"] < summary["world"] else {"0", "1"}
+        assert set(r["ms"]) == degrees and set(r["est_ms"]) == degrees, r
+        assert str(r["auto_r"]) in degrees and r["auto_over_best"] >= 1.0

@@ -183,32 +183,62 @@ class AdaptiveShard(GroupedExperts):
 # ---- the cost model ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class LinkModel:
-    """Time of one collective moving ``b`` bytes per rank: ``latency_s + b / bandwidth_Bps``."""
+class Fit:
+    """Time of one collective: ``latency_s + bytes / bandwidth_Bps``."""
 
     latency_s: float
     bandwidth_Bps: float
 
-    def seconds(self, collectives: int, bytes_per_rank: float) -> float:
-        return collectives * self.latency_s + bytes_per_rank / self.bandwidth_Bps
+    def seconds(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_Bps
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """Measured collective costs over a group of ``world_size`` ranks: ``all_to_all`` by the
+    bytes a rank sends to its peers, ``all_gather`` and ``reduce_scatter`` by the bytes of one
+    rank's shard. A gather over g < W ranks is scaled as a ring: (g-1)/(W-1) of the steps."""
+
+    world_size: int
+    all_to_all: Fit
+    all_gather: Fit
+    reduce_scatter: Fit
+
+    def a2a_seconds(self, bytes_sent: float) -> float:
+        return self.all_to_all.seconds(bytes_sent)
+
+    def ring_seconds(self, fit: Fit, group_size: int, shard_bytes: float) -> float:
+        if group_size <= 1:
+            return 0.0
+        return fit.seconds(shard_bytes) * (group_size - 1) / max(self.world_size - 1, 1)
 
 
 def measure_link(group=None, timeout: timedelta = DEFAULT_TIMEOUT, small: int = 1 << 10,
                  large: int = 1 << 20, reps: int = 3, device=None) -> LinkModel:
-    """Fit a :class:`LinkModel` from timed all-to-alls of ``small`` and ``large`` bytes per peer
-    (median of ``reps``, after one warm-up; the slowest rank's time). A collective."""
+    """Fit a :class:`LinkModel` from timed collectives of ``small`` and ``large`` bytes per
+    rank (median of ``reps`` after one warm-up; the slowest rank's time). A collective."""
     group = _group_of(group)
     W = dist.get_world_size(group)
     device = device or torch.device("cpu")
+    gather = comm._collective("all_gather_single", "all_gather_into_tensor")
+    scatter = comm._collective("reduce_scatter_single", "reduce_scatter_tensor")
 
-    def timed(nbytes: int) -> float:
-        x = torch.zeros(W * max(nbytes // 4, 1), dtype=torch.float32, device=device)
-        out = torch.empty_like(x)
+    def timed(kind: str, nbytes: int) -> float:
+        n = max(nbytes // 4, 1)
+        shard = torch.zeros(n, dtype=torch.float32, device=device)
+        full = torch.zeros(W * n, dtype=torch.float32, device=device)
+        out_full = torch.empty_like(full)
         times = []
         for i in range(reps + 1):
             comm.wait(dist.barrier(group=group, async_op=True), timeout, "link measurement")
             t0 = time.perf_counter()
-            comm.wait(dist.all_to_all_single(out, x, group=group, async_op=True), timeout, "link measurement")
+            if kind == "a2a":
+                work = dist.all_to_all_single(out_full, full, group=group, async_op=True)
+            elif kind == "gather":
+                work = gather(full, shard, group=group, async_op=True)
+            else:
+                work = scatter(shard, full, group=group, async_op=True)
+            comm.wait(work, timeout, "link measurement")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i:
@@ -217,28 +247,31 @@ def measure_link(group=None, timeout: timedelta = DEFAULT_TIMEOUT, small: int = 
         comm.wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout, "link measurement")
         return float(t)
 
-    t_small, t_large = timed(small), timed(large)
-    sent = lambda nbytes: (W - 1) * nbytes  # noqa: E731  bytes a rank sends to its peers
-    bandwidth = (sent(large) - sent(small)) / max(t_large - t_small, 1e-9)
-    latency = max(t_small - sent(small) / bandwidth, 0.0)
-    return LinkModel(latency, bandwidth)
+    def fit(kind: str, bytes_of) -> Fit:
+        t_small, t_large = timed(kind, small), timed(kind, large)
+        bandwidth = (bytes_of(large) - bytes_of(small)) / max(t_large - t_small, 1e-9)
+        return Fit(max(t_small - bytes_of(small) / bandwidth, 0.0), bandwidth)
+
+    return LinkModel(W, fit("a2a", lambda b: (W - 1) * b), fit("gather", lambda b: b), fit("scatter", lambda b: b))
 
 
 def estimate_seconds(r: int, layout: Layout, tokens: int, top_k: int, hidden_size: int, element_size: int,
-                     shard_bytes: int, link: LinkModel, training: bool = True) -> float:
+                     shard_bytes: tuple[int, ...], link: LinkModel, training: bool = True) -> float:
     """Communication time per step of degree r for ``tokens`` tokens per rank: the weight
-    all-gather (and its reduce-scatter in backward) over gather_size(r) ranks, plus, for r >= 1,
-    the token rows (T*K*r, the remote share (W-1)/W) through dispatch and combine (and back in
-    backward). Compute is the same in every mode and is left out."""
+    all-gathers (one per tensor of this rank's shard, ``shard_bytes`` each) over
+    gather_size(r) ranks (and their reduce-scatters in backward), plus, for
+    r >= 1, the counts and token rows (T*K*r, the remote share (W-1)/W) through dispatch and
+    combine (and back in backward). Compute is the same in every mode and is left out."""
     W = layout.world_size
-    passes = 2 if training else 1
     g = layout.gather_size(r)
-    collectives = 2 * passes if g > 1 else 0  # w_in and w_out
-    nbytes = passes * (g - 1) * shard_bytes
+    t = sum(link.ring_seconds(link.all_gather, g, b) for b in shard_bytes)
+    if training:
+        t += sum(link.ring_seconds(link.reduce_scatter, g, b) for b in shard_bytes)
     if r > 0:
-        collectives += 1 + 2 * passes  # counts, then rows out and back
-        nbytes += 2 * passes * tokens * top_k * r * (W - 1) / W * hidden_size * element_size
-    return link.seconds(collectives, nbytes)
+        row_bytes = tokens * top_k * r * (W - 1) / W * hidden_size * element_size
+        exchanges = 4 if training else 2
+        t += link.a2a_seconds(0) + exchanges * link.a2a_seconds(row_bytes)
+    return t
 
 
 # ---- the dispatcher -------------------------------------------------------------------------------
@@ -267,7 +300,7 @@ class AdaptiveDispatcher:
         t = torch.tensor([num_tokens], dtype=torch.long)
         comm.wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), self.timeout,
                   f"adaptive degree choice of layer {self.name!r}")  # every rank picks the same r
-        shard_bytes = (self.shard.w_in.numel() + self.shard.w_out.numel()) * self.shard.w_in.element_size()
+        shard_bytes = tuple(w.numel() * w.element_size() for w in (self.shard.w_in, self.shard.w_out))
         est = {d: estimate_seconds(d, self.layout, int(t), top_k, hidden_size, element_size, shard_bytes,
                                    self.link, torch.is_grad_enabled())
                for d in self.layout.degrees()}
@@ -361,8 +394,7 @@ def adaptive_parallel(model: nn.Module, group=None, *, r: Degree = "auto", timeo
                             layouts[0].shards)
     if r == "auto" and link is None:
         link = measure_link(group, timeout)
-        log.info("adaptive_parallel: measured link: latency %.3g ms, bandwidth %.3g GB/s per rank",
-                 link.latency_s * 1e3, link.bandwidth_Bps / 1e9)
+        log.info("adaptive_parallel: measured link: %s", link)
     for (name, layer), lay in zip(layers, layouts):
         shard = AdaptiveShard(layer.experts, lay, rank, groups, timeout, name)
         layer.experts = shard
