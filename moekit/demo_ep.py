@@ -12,9 +12,10 @@ expert's gradient over the ranks whose tokens it served, the dense gradients are
 one all-reduce, and :func:`~moekit.parallel.reduce_expert_grads` sums the gradients of an
 expert's replicas: every rank then holds the gradient of the global batch's mean loss, and
 Adam takes the single-process step. The MoE aux loss is not a sum over tokens (it multiplies
-batch-wide load shares by mean router probabilities), so each rank's value differs from the
-global batch's; both runs therefore turn its gradient off (``set_aux_loss_scale(model, 0)``)
-and compare the language-model loss alone.
+batch-wide load shares by mean router probabilities); the expert-parallel layer computes each
+rank's share of the global batch's aux loss (global counts and token number), so the shares'
+gradients add up to the single process's, and both runs train with it. The losses printed
+are the language-model loss alone.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.demo import ByteMoELM
-from moekit.layer import moe_layers, set_aux_loss_scale
+from moekit.layer import moe_layers
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs [B, S], targets [B, S]) int64
 
@@ -83,7 +84,6 @@ def reference_steps(model: ByteMoELM, batches: list[Batch], lr: float) -> tuple[
     Returns (loss per step, final state dict); ``model`` is untouched."""
     ref = copy.deepcopy(model)
     ref.train()
-    set_aux_loss_scale(ref, 0.0)
     opt = torch.optim.Adam(ref.parameters(), lr=lr, foreach=False)
     losses = []
     for x, y in batches:
@@ -265,7 +265,6 @@ def _rank_main(rank: int, world_size: int, port: int, workdir: str, timeout: flo
         model.load_state_dict(job["state_dict"])
         expert_parallel(model, placement=job["placement"], timeout=limit)
         model.train()
-        set_aux_loss_scale(model, 0.0)
         experts = set(expert_param_names(model))
         dense = [p for n, p in model.named_parameters() if n not in experts]
         opt = torch.optim.Adam(model.parameters(), lr=job["lr"], foreach=False)

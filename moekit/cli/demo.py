@@ -326,7 +326,7 @@ def _ep_step(args: argparse.Namespace, model, batches, trace_path: Path) -> dict
     global_batches = [batches.sample("train") for _ in range(args.ep_steps)]
     per_rank = [len(part) for part in torch.tensor_split(global_batches[0][0], W)]
     print(f"placement ({plan.method}, max/mean load {plan.max_mean_load:.4f}) -> {out}; training "
-          f"{args.ep_steps} Adam steps (lr {args.lr:g}, aux-loss gradient off on both sides) on "
+          f"{args.ep_steps} Adam steps (lr {args.lr:g}, aux loss on the global batch) on "
           f"{W} local processes, {'/'.join(map(str, per_rank))} of {args.batch_size} sequences each, "
           f"and on one process:")
     try:
