@@ -242,42 +242,56 @@ def expert_param_names(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def reduce_expert_grads(model: nn.Module, *, world_average: bool = False) -> None:
+def reduce_expert_grads(model: nn.Module, *, world_average: bool = False, data_parallel_group=None,
+                        timeout: Optional[timedelta] = None) -> None:
     """Finish the expert gradients after backward (before ``optimizer.step()``):
 
     - replicas of an expert each saw part of its tokens: their gradients are summed (one
       all-reduce per layer with replicas), so every replica takes the same step;
-    - ``world_average=True`` divides every expert gradient by W: use it when DDP averages the
-      dense gradients, so the whole model follows the mean of the ranks' losses.
+    - ``data_parallel_group`` (the expert-data-parallel group: the ranks holding the same
+      experts in other expert-parallel groups, e.g. the other dimension of a 2-D DeviceMesh):
+      expert gradients are summed over it, so every copy of an expert takes the step of all
+      the tokens it served anywhere;
+    - ``world_average=True`` divides every expert gradient by the number of ranks whose losses
+      were summed (W, times the expert-data-parallel size): use it when DDP or FSDP averages
+      the dense gradients over all those ranks, so the whole model follows their mean loss.
     """
+    if data_parallel_group is not None and hasattr(data_parallel_group, "get_group"):
+        data_parallel_group = data_parallel_group.get_group()
+    dp = dist.get_world_size(data_parallel_group) if data_parallel_group is not None else 1
     for name, layer in _ep_layers(model):
+        params = [p for p in (layer.experts.w_in, layer.experts.w_out) if p.grad is not None]
         if hasattr(layer.experts, "full_weights"):  # adaptive: the gather's backward summed the shards
-            if world_average:
-                for p in (layer.experts.w_in, layer.experts.w_out):
-                    if p.grad is not None:
-                        p.grad.div_(layer.experts.layout.world_size)
-            continue
-        d: AllToAllDispatcher = layer.dispatcher
-        pl, shard = d.placement, layer.experts
-        params = [p for p in (shard.w_in, shard.w_out) if p.grad is not None]
-        if pl.replicated and params:
-            reps = pl.replicas()
-            rep_experts = [e for e, r in enumerate(reps) if len(r) > 1]
-            local = [(s, shard.logical_ids[s]) for s in range(len(shard.logical_ids))
-                     if len(reps[shard.logical_ids[s]]) > 1]
-            index = {e: i for i, e in enumerate(rep_experts)}
+            W = layer.experts.layout.world_size
+            wait_for = layer.experts.timeout
+        else:
+            d: AllToAllDispatcher = layer.dispatcher
+            W, wait_for = d.placement.world_size, d.timeout
+            if d.placement.replicated and params:
+                _sum_replicas(name, d, layer.experts, params)
+        if dp > 1:
             for p in params:
-                buf = p.grad.new_zeros(len(rep_experts), *p.shape[1:])
-                for s, e in local:
-                    buf[index[e]] += p.grad[s]
-                comm.wait(dist.all_reduce(buf, group=d.group, async_op=True), d.timeout,
-                          f"replica gradient sum of layer {name!r}")
-                for s, e in local:
-                    p.grad[s].copy_(buf[index[e]])
+                comm.wait(dist.all_reduce(p.grad, group=data_parallel_group, async_op=True), timeout or wait_for,
+                          f"expert-data-parallel gradient sum of layer {name!r}")
         if world_average:
-            W = pl.world_size
             for p in params:
-                p.grad.div_(W)
+                p.grad.div_(W * dp)
+
+
+def _sum_replicas(name: str, d: AllToAllDispatcher, shard: ExpertShard, params: list) -> None:
+    reps = d.placement.replicas()
+    rep_experts = [e for e, r in enumerate(reps) if len(r) > 1]
+    local = [(s, shard.logical_ids[s]) for s in range(len(shard.logical_ids))
+             if len(reps[shard.logical_ids[s]]) > 1]
+    index = {e: i for i, e in enumerate(rep_experts)}
+    for p in params:
+        buf = p.grad.new_zeros(len(rep_experts), *p.shape[1:])
+        for s, e in local:
+            buf[index[e]] += p.grad[s]
+        comm.wait(dist.all_reduce(buf, group=d.group, async_op=True), d.timeout,
+                  f"replica gradient sum of layer {name!r}")
+        for s, e in local:
+            p.grad[s].copy_(buf[index[e]])
 
 
 # ---- full state dict -------------------------------------------------------------------------------

@@ -287,6 +287,38 @@ def scenario_hierarchical(rank, W):
         assert topo.traffic.exchanges > 0 and topo.num_nodes == W // L
 
 
+def scenario_expert_data_parallel(rank, W):
+    """A 2-D mesh (dp=2, ep=W/2): experts split over each 'ep' row, each row a data-parallel
+    copy; dense params under DDP over all W ranks, expert grads summed over 'dp' and averaged
+    like DDP: the model follows the single device on the W ranks' global batch."""
+    if W % 2:
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    mesh = init_device_mesh("cpu", (2, W // 2), mesh_dim_names=("dp", "ep"))
+    ref = make_net()
+    ep = expert_parallel(make_net(), mesh["ep"])
+    assert ep.moe1.experts.w_in.shape[0] == E // (W // 2)
+    DDP._set_params_and_buffers_to_ignore_for_model(ep, expert_param_names(ep))
+    ddp = DDP(ep)
+    x, gy, bounds = global_batch(W, "uneven")
+    lo, hi = bounds[rank], bounds[rank + 1]
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_e = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for _ in range(3):
+        opt_r.zero_grad()
+        ((ref(x) * gy).sum() / W).backward()
+        opt_r.step()
+        opt_e.zero_grad()
+        (ddp(x[lo:hi]) * gy[lo:hi]).sum().backward()
+        reduce_expert_grads(ep, world_average=True, data_parallel_group=mesh["dp"])
+        opt_e.step()
+    full = full_state_dict(ep)  # gathered over the 'ep' row: every row holds the same experts
+    for n, t in ref.state_dict().items():
+        torch.testing.assert_close(full[n], t, rtol=1e-9, atol=1e-11, msg=lambda m: f"EDP recipe: {n}: {m}")
+
+
 def _check_adaptive_step(rank, W, ref, ad, x, gy, bounds):
     lo, hi = bounds[rank], bounds[rank + 1]
     xr = x.clone().requires_grad_()
@@ -378,7 +410,7 @@ def _expect(exc_type, text, fn):
 SCENARIOS = {"contiguous": scenario_contiguous, "one_expert": scenario_one_expert,
              "planned_replicas": scenario_planned_replicas, "ddp": scenario_ddp, "errors": scenario_errors,
              "capacity": scenario_capacity, "losses": scenario_losses, "hierarchical": scenario_hierarchical,
-             "adaptive": scenario_adaptive}
+             "adaptive": scenario_adaptive, "expert_data_parallel": scenario_expert_data_parallel}
 
 
 def run(rank, W, port, names, out_dir):
