@@ -319,6 +319,127 @@ def scenario_expert_data_parallel(rank, W):
         torch.testing.assert_close(full[n], t, rtol=1e-9, atol=1e-11, msg=lambda m: f"EDP recipe: {n}: {m}")
 
 
+def scenario_integer_exact(rank, W):
+    """Integer-valued data (weights and inputs small integers, relu experts, K=1 with the weight
+    renormalised to exactly 1; the second layer sends every token to one expert): every sum is
+    exact in any order, so the parallel paths must give
+    the single device's output, input grad and expert grads bit for bit (torch.equal): flat
+    all-to-all, a replicated placement, 2DH, capacity, every adaptive degree."""
+    from moekit.parallel.adaptive import adaptive_parallel, set_parallel_degree
+    from moekit.planner import plan_placement
+
+    def net(E_=E, **kw):
+        torch.manual_seed(11)
+        cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F_, num_experts=E_, top_k=1, norm_topk_prob=True,
+                        activation="relu", **kw)
+        model = nn.Sequential(MoELayer(cfg), MoELayer(cfg)).to(DT)
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.copy_(torch.randint(-1, 2, prm.shape, dtype=DT))
+            # layer 2's router at 0: every token to its expert 0 (ties go to the lower id) and no
+            # gradient through that router into layer 1's output; through a live router the
+            # renormalised weight's gradient (exactly 0 in exact arithmetic) leaves ~1e-16
+            # residues whose sums over tokens depend on the order
+            model[1].router.weight.zero_()
+        return model
+
+    g = torch.Generator().manual_seed(5)
+    counts = tokens_per_rank(W, "uneven")
+    x = torch.randint(-2, 3, (sum(counts), D), generator=g).to(DT)
+    gy = torch.randint(-2, 3, (sum(counts), D), generator=g).to(DT)
+    bounds = [sum(counts[:r]) for r in range(W + 1)]
+    lo, hi = bounds[rank], bounds[rank + 1]
+
+    def check(ref, par, what):
+        xr = x.clone().requires_grad_()
+        y_ref = ref(xr)
+        (y_ref * gy).sum().backward()
+        xe = x[lo:hi].clone().requires_grad_()
+        y = par(xe)
+        (y * gy[lo:hi]).sum().backward()
+        assert torch.equal(y, y_ref[lo:hi]), f"{what}: output"
+        assert torch.equal(xe.grad, xr.grad[lo:hi]), f"{what}: input grad"
+        assert (y_ref.abs() > 0).any() and (y_ref.abs().max() == y_ref.abs().max().round()), what
+        reduce_expert_grads(par)  # replicas: the parts of their tokens summed
+        for i in range(2):
+            r_exp, p_exp = ref[i].experts, par[i].experts
+            if hasattr(p_exp, "shard_of"):
+                want = p_exp.shard_of(r_exp.w_in.grad, r_exp.w_out.grad)
+            else:
+                idx = torch.tensor(p_exp.logical_ids)
+                want = (r_exp.w_in.grad[idx], r_exp.w_out.grad[idx])
+            assert torch.equal(p_exp.w_in.grad, want[0]) and torch.equal(p_exp.w_out.grad, want[1]), \
+                f"{what}: expert grads of layer {i}: max diff {(p_exp.w_in.grad - want[0]).abs().max()} " \
+                f"{(p_exp.w_out.grad - want[1]).abs().max()} slots {getattr(p_exp, 'logical_ids', None)} " \
+                f"ratio {(p_exp.w_in.grad.flatten(1).norm(dim=1) / want[0].flatten(1).norm(dim=1)).tolist()}"
+
+    check(net(), expert_parallel(net()), "flat all-to-all")
+    if W % 2 == 0:
+        check(net(), expert_parallel(net(), ranks_per_node=2), "2DH")
+    check(net(capacity_factor=1.0, drop_policy="position"),
+          expert_parallel(net(capacity_factor=1.0, drop_policy="position")), "capacity 1.0")
+    ref = net()
+    with moekit.trace.record(ref) as rec, torch.no_grad():
+        ref(x)
+    plan = plan_placement(rec.trace(), num_gpus=W, slots_per_gpu=E // W + 1, solver="greedy").to_json_dict()
+    check(net(), expert_parallel(net(), placement=plan), "replicated placement")
+    E_small = {2: 1, 3: 1, 4: 2}[W]
+    for E_ in (E, E_small):
+        ad = adaptive_parallel(net(E_), r=0)
+        for r in ad[0].dispatcher.layout.degrees():
+            set_parallel_degree(ad, r)
+            ad.zero_grad()
+            check(net(E_), ad, f"adaptive E={E_} r={r}")
+
+
+def scenario_hf_export(rank, W):
+    """An expert-parallel HF model (OLMoE patched by moekit.hf) trains a step, then exports like a
+    single-device one: full_state_dict -> the unconverted patched model -> moekit.hf.save_pretrained
+    -> transformers from_pretrained gives the single-device model's logits."""
+    if W != 2:
+        return
+    import tempfile
+
+    import transformers
+
+    import moekit.hf as H
+
+    cfg = transformers.OlmoeConfig(vocab_size=61, hidden_size=D, intermediate_size=F_, num_experts=E,
+                                   num_experts_per_tok=K, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    base = transformers.OlmoeForCausalLM(cfg).train()
+    ref = H.patch_model(copy.deepcopy(base))
+    ep = expert_parallel(H.patch_model(copy.deepcopy(base)))
+    ids = torch.randint(0, 61, (4, 12), generator=torch.Generator().manual_seed(1))
+    mine = ids[2 * rank:2 * rank + 2]
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_e = torch.optim.SGD(ep.parameters(), lr=0.1)
+    ref(ids, labels=ids).loss.backward()
+    opt_r.step()
+    (ep(mine, labels=mine).loss / W).backward()  # mean over the 2 ranks' equal-size halves
+    reduce_expert_grads(ep)
+    for n, prm in ep.named_parameters():
+        if n not in set(expert_param_names(ep)) and prm.grad is not None:
+            dist.all_reduce(prm.grad)
+    opt_e.step()
+    full = full_state_dict(ep)
+    if rank == 0:
+        single = H.patch_model(copy.deepcopy(base))
+        single.load_state_dict(full)
+        with tempfile.TemporaryDirectory() as d:
+            H.save_pretrained(single, d)
+            fresh = transformers.OlmoeForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        ref.eval()
+        with torch.no_grad():
+            got, want = fresh(ids).logits, ref(ids).logits
+            before = base.eval()(ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert (got - before).abs().max() > 1e-3, "the step changed nothing: the export test tests nothing"
+    dist.barrier()
+
+
 def _check_adaptive_step(rank, W, ref, ad, x, gy, bounds):
     lo, hi = bounds[rank], bounds[rank + 1]
     xr = x.clone().requires_grad_()
@@ -410,7 +531,8 @@ def _expect(exc_type, text, fn):
 SCENARIOS = {"contiguous": scenario_contiguous, "one_expert": scenario_one_expert,
              "planned_replicas": scenario_planned_replicas, "ddp": scenario_ddp, "errors": scenario_errors,
              "capacity": scenario_capacity, "losses": scenario_losses, "hierarchical": scenario_hierarchical,
-             "adaptive": scenario_adaptive, "expert_data_parallel": scenario_expert_data_parallel}
+             "adaptive": scenario_adaptive, "expert_data_parallel": scenario_expert_data_parallel,
+             "integer_exact": scenario_integer_exact, "hf_export": scenario_hf_export}
 
 
 def run(rank, W, port, names, out_dir):

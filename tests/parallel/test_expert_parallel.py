@@ -1,8 +1,11 @@
 """Expert parallelism on gloo at W in {2, 3, 4}: forward, input grads, every parameter grad and
-parameters after 3 Adam steps equal the single-device layer on the global batch (fp64, 1e-10);
-uneven token counts with a rank holding none and one holding T=1; all tokens on one expert;
-a placement planned by moekit.planner from a recorded trace (replicas); DDP recipe; bad input.
-One spawned process group per W runs every scenario."""
+parameters after 3 Adam steps equal the single-device layer on the global batch (fp64; Adam steps
+within 1e-5, the fp32 router's rounding); bit for bit on integer-valued data (flat, 2DH, capacity,
+replicas, every adaptive degree). Uneven token counts with a rank holding none and one holding
+T=1; all tokens on one expert; a placement planned by moekit.planner from a recorded trace
+(replicas); capacity on the global batch; aux/z losses; the 2DH all-to-all; adaptive parallelism
+(every r, switching r between steps); DDP and expert-data-parallel recipes; HF export of an
+expert-parallel OLMoE; bad input. One spawned process group per W runs every scenario."""
 from __future__ import annotations
 
 import socket
