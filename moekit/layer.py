@@ -10,7 +10,6 @@ import math
 from typing import Callable, Iterable, Optional, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig

@@ -39,7 +39,7 @@ from torch import nn
 
 from moekit.dispatch import LocalDispatcher
 from moekit.experts import BACKENDS, GroupedExperts, resolve_backend
-from moekit.layer import MoELayer, moe_layers
+from moekit.layer import moe_layers
 from moekit.parallel import comm
 from moekit.parallel.expert_parallel import (DEFAULT_TIMEOUT, AllToAllDispatcher, _check_same_everywhere,
                                              _group_of, _layer_signature)

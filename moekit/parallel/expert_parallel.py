@@ -96,7 +96,7 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         """x_TD [T, D] -> (x_MD rows for this rank's slots, sorted by slot; tokens_per_slot_S; ctx)."""
-        pl, W, S = self.placement, self.placement.world_size, self.placement.slots_per_rank
+        W, S = self.placement.world_size, self.placement.slots_per_rank
         T, K = routing.topk_ids_TK.shape
         ids_N = routing.topk_ids_TK.reshape(-1)
         dropped = routing.num_dropped

@@ -4,12 +4,12 @@ and replicated placements; dumps of each rank's state for exact comparisons in t
 from __future__ import annotations
 
 import os
-import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from _harness import record
 from _ep_worker import DT, D, E, make_net
 from moekit.parallel import expert_param_names, expert_parallel, reduce_expert_grads
 from moekit.parallel.checkpoint import load_checkpoint, save_checkpoint
@@ -131,13 +131,7 @@ def run(rank, W, port, phases, out_dir):
         groups = {w: dist.new_group(list(range(w))) for w in sorted({w for _, w in phases})}  # every rank, in order
         for name, w in phases:
             if rank < w:
-                try:
-                    PHASES[name](rank, w, out_dir, groups[w])
-                    status = "ok"
-                except Exception:
-                    status = traceback.format_exc()
-                with open(os.path.join(out_dir, f"{name}.{rank}"), "w") as f:
-                    f.write(status)
+                record(out_dir, name, rank, lambda: PHASES[name](rank, w, out_dir, groups[w]))
             dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import time
-import traceback
 from datetime import timedelta
 
 import torch
@@ -13,6 +12,8 @@ import torch.distributed as dist
 from torch import nn
 
 import moekit
+from _harness import expect as _expect
+from _harness import record
 from moekit import MoEConfig, MoELayer
 from moekit.parallel import (ExpertParallelError, expert_param_names, expert_parallel, full_state_dict,
                              load_full_state_dict, reduce_expert_grads)
@@ -519,15 +520,6 @@ def scenario_adaptive(rank, W):
         _expect(ValueError, "divide", lambda: adaptive_parallel(make_net(num_experts=3, top_k=1), r=0))
 
 
-def _expect(exc_type, text, fn):
-    try:
-        fn()
-    except exc_type as exc:
-        assert text in str(exc), f"{text!r} not in {exc}"
-        return
-    raise AssertionError(f"expected {exc_type.__name__} mentioning {text!r}")
-
-
 SCENARIOS = {"contiguous": scenario_contiguous, "one_expert": scenario_one_expert,
              "planned_replicas": scenario_planned_replicas, "ddp": scenario_ddp, "errors": scenario_errors,
              "capacity": scenario_capacity, "losses": scenario_losses, "hierarchical": scenario_hierarchical,
@@ -542,13 +534,7 @@ def run(rank, W, port, names, out_dir):
                             timeout=timedelta(seconds=120))
     try:
         for name in names:
-            try:
-                SCENARIOS[name](rank, W)
-                status = "ok"
-            except Exception:
-                status = traceback.format_exc()
-            with open(os.path.join(out_dir, f"{name}.{rank}"), "w") as f:
-                f.write(status)
+            record(out_dir, name, rank, lambda: SCENARIOS[name](rank, W))
             dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 import warnings
 from datetime import timedelta
 
@@ -17,6 +16,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from _ep_worker import D, DT, E, global_batch, make_net
+from _harness import expect as _expect
+from _harness import record
 from moekit.layer import set_aux_loss_scale
 from moekit.parallel import (expert_param_names, expert_parallel, full_state_dict, reduce_expert_grads,
                              shard_dense)
@@ -250,15 +251,6 @@ def scenario_errors(rank, W):
     _expect(ValueError, "already sharded", lambda: shard_dense(model, mesh))
 
 
-def _expect(exc_type, text, fn):
-    try:
-        fn()
-    except exc_type as exc:
-        assert text in str(exc), f"{text!r} not in {exc}"
-        return
-    raise AssertionError(f"expected {exc_type.__name__} mentioning {text!r}")
-
-
 SCENARIOS = {"layout": scenario_layout, "step0": scenario_step0, "train": scenario_train,
              "aux_losses": scenario_aux_losses, "control": scenario_control, "fp32": scenario_fp32, "errors": scenario_errors}
 
@@ -274,15 +266,9 @@ def run(rank, W, port, names, out_dir):
     try:
         for name in names:
             t0 = time.perf_counter()
-            try:
-                SCENARIOS[name](rank, W)
-                status = "ok"
-            except Exception:
-                status = traceback.format_exc()
+            record(out_dir, name, rank, lambda: SCENARIOS[name](rank, W))
             if rank == 0:
                 print(f"fsdp2 W={W} {name}: {time.perf_counter() - t0:.2f} s", flush=True)
-            with open(os.path.join(out_dir, f"{name}.{rank}"), "w") as f:
-                f.write(status)
             dist.barrier()
     finally:
         dist.destroy_process_group()

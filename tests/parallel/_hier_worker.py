@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from _harness import record
 from moekit.parallel import comm
 from moekit.parallel.comm import ExpertParallelError
 from moekit.parallel.hierarchical import HierarchicalTopology, all_to_all_rows, phase_rows
@@ -140,15 +140,7 @@ def run(rank, W, port, names, out_dir):
     for name in names:
         if name == "peer_stops":
             check_peer_stops(rank, W, out_dir)  # exits
-        try:
-            if name == "bad_L":
-                check_bad_ranks_per_node(rank, W)
-            else:
-                check_level(rank, W, int(name[1:]))
-            status = "ok"
-        except Exception:
-            status = traceback.format_exc()
-        with open(os.path.join(out_dir, f"{name}.{rank}"), "w") as f:
-            f.write(status)
+        record(out_dir, name, rank, (lambda: check_bad_ranks_per_node(rank, W)) if name == "bad_L"
+               else (lambda: check_level(rank, W, int(name[1:]))))
         dist.barrier()
     dist.destroy_process_group()

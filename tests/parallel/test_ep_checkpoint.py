@@ -5,22 +5,16 @@ Every save/load is exact: each rank's rows and optimizer state match the logical
 replica included. Errors: another model shape, a missing or corrupt directory."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from _harness import free_port
 import _ckpt_worker as w
 from _ep_worker import E, make_net
 from moekit.parallel import load_checkpoint, save_checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 PHASES = [("w4", 4), ("w2", 2), ("w2_errors", 2)]  # one spawned group of 4; W=2 runs on ranks 0, 1
@@ -36,7 +30,7 @@ def _assert_ok(d: Path, phase: str) -> None:
 def ckpt(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(d / "other_F", make_net(ffn_hidden_size=8))  # expert w_in [12, 16, 16], not [12, 24, 16]
-    mp.start_processes(w.run, args=(4, _free_port(), PHASES, str(d)), nprocs=4, join=True, start_method="spawn")
+    mp.start_processes(w.run, args=(4, free_port(), PHASES, str(d)), nprocs=4, join=True, start_method="spawn")
     _assert_ok(d, "w4")
     _assert_ok(d, "w2")
     return d

@@ -2,25 +2,19 @@
 ExpertParallelError within the configured timeout (3 s here), not a hang."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
 
+from _harness import free_port
 import _ep_worker
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("mode", ["raise", "hang"])
 def test_peer_failure_is_an_error_not_a_hang(tmp_path, mode):
     W = 2
-    ctx = mp.start_processes(_ep_worker.run_fault, args=(W, _free_port(), mode, str(tmp_path)), nprocs=W,
+    ctx = mp.start_processes(_ep_worker.run_fault, args=(W, free_port(), mode, str(tmp_path)), nprocs=W,
                              join=False, start_method="spawn")
     for p in ctx.processes:
         p.join(timeout=90)

@@ -9,28 +9,22 @@ relative, Adam 1e-6 absolute; fp32 1e-5), also with aux/z losses; a control run 
 world_average must differ; bad input. One spawned process group per W runs every scenario."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
 
+from _harness import free_port
 import _fsdp2_worker
 
 SCENARIOS = list(_fsdp2_worker.SCENARIOS)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")
 def world(request, tmp_path_factory):
     W = request.param
     out = tmp_path_factory.mktemp(f"fsdp2_{W}")
-    mp.start_processes(_fsdp2_worker.run, args=(W, _free_port(), SCENARIOS, str(out)), nprocs=W, join=True,
+    mp.start_processes(_fsdp2_worker.run, args=(W, free_port(), SCENARIOS, str(out)), nprocs=W, join=True,
                        start_method="spawn")
     return W, out
 

@@ -8,28 +8,22 @@ T=1; all tokens on one expert; a placement planned by moekit.planner from a reco
 expert-parallel OLMoE; bad input. One spawned process group per W runs every scenario."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
 
+from _harness import free_port
 import _ep_worker
 
 SCENARIOS = list(_ep_worker.SCENARIOS)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"W{w}")
 def world(request, tmp_path_factory):
     W = request.param
     out = tmp_path_factory.mktemp(f"ep{W}")
-    mp.start_processes(_ep_worker.run, args=(W, _free_port(), SCENARIOS, str(out)), nprocs=W, join=True,
+    mp.start_processes(_ep_worker.run, args=(W, free_port(), SCENARIOS, str(out)), nprocs=W, join=True,
                        start_method="spawn")
     return W, out
 

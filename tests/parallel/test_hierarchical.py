@@ -5,21 +5,15 @@ counters, bad ranks_per_node, and a peer that stops taking part (an error, not a
 One spawned process group per W runs every scenario."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
 
+from _harness import free_port
 import _hier_worker
 
 WORLDS = {4: ["L2", "L1", "L4", "bad_L", "peer_stops"], 6: ["L2", "L3", "L1", "L6", "bad_L"]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +23,7 @@ def world_results(tmp_path_factory):
     def results(W):
         if W not in done:
             out = tmp_path_factory.mktemp(f"hier{W}")
-            ctx = mp.start_processes(_hier_worker.run, args=(W, _free_port(), WORLDS[W], str(out)), nprocs=W,
+            ctx = mp.start_processes(_hier_worker.run, args=(W, free_port(), WORLDS[W], str(out)), nprocs=W,
                                      join=False, start_method="spawn")
             for p in ctx.processes:
                 p.join(timeout=120)
