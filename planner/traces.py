@@ -383,6 +383,8 @@ def _read_route_csv(path: Path) -> RoutingTrace:
     meta = {
         "source": str(path), "format": "route_trace v1", "aligned": True,
         "model": hdr.get("model"), "arch": hdr.get("arch"),
+        # per token (in row order): 0 prefill, 1 decode; and the step column (cache replay needs both)
+        "phase": a[first[order], 1].astype(int).tolist(), "step": a[first[order], 2].astype(int).tolist(),
     }
     if layer_bytes:
         meta["expert_bytes"] = [int(layer_bytes.get(l, 0)) for l in range(L)]

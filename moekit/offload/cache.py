@@ -70,12 +70,12 @@ class PhaseStats:
 
 
 def split_quotas(budget_bytes: int, expert_bytes: Sequence[int], num_experts: int, top_k: int,
-                 need: Optional[Sequence[float]] = None) -> list[int]:
-    """Slots per layer: ``top_k`` each, then one slot at a time to the layer with the fewest
-    slots per unit of ``need`` (default: equal need) that still fits, up to ``num_experts``."""
+                 need: Optional[Sequence[float]] = None, start: Optional[int] = None) -> list[int]:
+    """Slots per layer: ``start`` (default ``top_k``) each, then one slot at a time to the layer
+    with the fewest slots per unit of ``need`` (default: equal) that still fits, up to ``num_experts``."""
     L = len(expert_bytes)
     need_L = np.ones(L) if need is None else np.maximum(np.asarray(need, dtype=np.float64), 1e-9)
-    quotas = [min(top_k, num_experts)] * L
+    quotas = [min(top_k if start is None else start, num_experts)] * L
     left = budget_bytes - sum(q * b for q, b in zip(quotas, expert_bytes))
     while True:
         best, best_key = -1, None
@@ -97,12 +97,15 @@ class ExpertCache:
     ``expert_bytes``: bytes of one expert, per layer. ``quotas``: slots per layer (default: the
     budget split evenly, or by per-layer need when ``profile`` is given). ``profile``: ``[L, E]``
     routing counts (pins the ``static`` hot set, warm-starts ``lfu``/``predictive``). ``future``:
-    per layer, the expert lists its accesses will ask for (``belady`` only).
+    per layer, the expert lists its accesses will ask for (``belady`` only). ``streaming``: allow
+    budgets below one token's working set, down to one slot per layer; experts beyond a layer's
+    quota then pass through one scratch expert the budget does not count (trace replay of small
+    caches; a runner keeps the default, where the scratch is the layer's last slot).
     """
 
     def __init__(self, budget_bytes: int, expert_bytes: Sequence[int], num_experts: int, top_k: int,
                  policy: str = "predictive", quotas: Optional[Sequence[int]] = None,
-                 profile: Optional[np.ndarray] = None, future=None):
+                 profile: Optional[np.ndarray] = None, future=None, streaming: bool = False):
         expert_bytes = [int(b) for b in expert_bytes]
         if not expert_bytes or any(b <= 0 for b in expert_bytes):
             raise ValueError(f"expert_bytes must be a non-empty list of positive sizes, got {expert_bytes[:4]}...")
@@ -111,7 +114,10 @@ class ExpertCache:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
         budget_bytes = int(budget_bytes)
-        minimum = self.min_budget(expert_bytes, top_k)
+        minimum = self.min_budget(expert_bytes, 1 if streaming else top_k)
+        if budget_bytes < minimum and streaming:
+            raise ValueError(f"budget {budget_bytes} bytes ({budget_bytes / MiB:.1f} MiB) is below one expert per "
+                             f"layer: the minimum is {minimum} bytes ({minimum / MiB:.1f} MiB)")
         if budget_bytes < minimum:
             raise ValueError(f"budget {budget_bytes} bytes ({budget_bytes / MiB:.1f} MiB) is below one token's "
                              f"working set: the minimum is {minimum} bytes ({minimum / MiB:.1f} MiB) = "
@@ -127,10 +133,12 @@ class ExpertCache:
                 p = profile / np.maximum(profile.sum(axis=1, keepdims=True), 1e-12)
                 ent = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
                 need = np.exp(ent)
-            quotas = split_quotas(budget_bytes, expert_bytes, num_experts, top_k, need)
+            quotas = split_quotas(budget_bytes, expert_bytes, num_experts, top_k, need,
+                                  start=1 if streaming else None)
         quotas = [int(q) for q in quotas]
-        if len(quotas) != L or any(not top_k <= q <= num_experts for q in quotas):
-            raise ValueError(f"quotas must give each of the {L} layers between top_k={top_k} and "
+        lo = 1 if streaming else top_k
+        if len(quotas) != L or any(not lo <= q <= num_experts for q in quotas):
+            raise ValueError(f"quotas must give each of the {L} layers between {lo} and "
                              f"num_experts={num_experts} slots, got {quotas}")
         used = sum(q * b for q, b in zip(quotas, expert_bytes))
         if used > budget_bytes:
@@ -138,6 +146,7 @@ class ExpertCache:
         self.budget_bytes, self.expert_bytes = budget_bytes, expert_bytes
         self.num_layers, self.num_experts, self.top_k = L, int(num_experts), int(top_k)
         self.quotas = quotas
+        self.streaming = bool(streaming)
         self.policy_name = policy
         self.policy: Policy = make_policy(policy, L, num_experts, profile, future)
         if hasattr(self.policy, "set_quotas"):
@@ -181,14 +190,16 @@ class ExpertCache:
         hits = [e for e in need if e in res]
         missing = [e for e in need if e not in res]
         if len(need) > quota:
-            # keep quota-1 (the best hits, then misses by policy), stream the rest through the last slot
+            # keep `keep` (the best hits, then misses by policy), stream the rest through the scratch
+            keep = quota if self.streaming else quota - 1
             ranked_hits = sorted(hits, key=lambda e: -pol.priority(layer, e))
-            demoted = ranked_hits[quota - 1:]
-            hits = ranked_hits[:quota - 1]
+            demoted = ranked_hits[keep:]
+            hits = ranked_hits[:keep]
             for e in demoted:                       # resident but no longer kept: used, then freed
                 res.discard(e)
+                self._unused_prefetch[layer].discard(e)
                 self._bytes_used -= self.expert_bytes[layer]
-            room = quota - 1 - len(hits)
+            room = keep - len(hits)
             missing.sort(key=lambda e: -pol.priority(layer, e))
             admit_now, stream = missing[:room], missing[room:]
             out.streamed = demoted + stream

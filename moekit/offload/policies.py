@@ -141,12 +141,8 @@ class Predictive(Policy):
         for e in experts:
             self.score_LE[layer, e] += 1.0
 
-    def end_access(self, layer: int, experts: Sequence[int]) -> None:
-        super().end_access(layer, experts)
-        self.predicted[layer] = set()                   # a prediction serves one access
-
     def observe_prediction(self, layer: int, predicted: Sequence[int]) -> None:
-        self.predicted[layer] = {int(e) for e in predicted}
+        self.predicted[layer] = {int(e) for e in predicted}     # holds until the next prediction
 
     def priority(self, layer: int, expert: int) -> float:
         bonus = self.bonus if expert in self.predicted[layer] else 0.0
