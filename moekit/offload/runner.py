@@ -1,0 +1,358 @@
+"""Offloaded generation: an HF MoE model whose dense weights are in memory and whose routed
+experts stay in an expert store, fetched through a budgeted cache.
+
+Legend: L MoE layers, E experts per layer, K top-k.
+
+API::
+
+    om = load_offloaded(model_dir, budget="2GiB", policy="predictive", device="cpu")
+    result = om.generate(input_ids, max_new_tokens=32)     # transformers' own generate (greedy)
+    result.generated_ids, result.metrics                    # new tokens; tokens/s, hit rate, bytes
+    om.close()
+
+How the model is built without ever holding all experts: the HF model class is subclassed so
+that, right after its ``__init__`` (which ``from_pretrained`` runs on the meta device), every
+MoE block's experts module is replaced by a placeholder with no parameters that only carries
+the experts' shapes as meta tensors. ``from_pretrained`` then loads the dense weights alone (the
+checkpoint's expert keys match no parameter and are never read) with transformers' own key
+renaming, dtype handling and buffer initialisation. :func:`moekit.hf.patch_model` turns the
+blocks into MoELayers (router, shared expert: real tensors; experts: meta), and each layer's
+experts module becomes an :class:`~moekit.offload.experts.OffloadedExperts` reading
+:mod:`moekit.offload.store`. Attention, KV cache and ``generate`` stay transformers'.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from moekit.offload.experts import ExpertWeights, OffloadedExperts, OffloadRuntime
+from moekit.offload.store import StoreError, config_hash, ensure_store, open_store
+
+__all__ = ["OffloadedModel", "GenerationResult", "load_offloaded", "auto_budget", "free_memory_bytes"]
+
+MiB = 1 << 20
+
+
+# ---- building the model without its experts --------------------------------------------------------
+
+class _ExpertShapes(nn.Module):
+    """Stands in for an HF experts module while the model loads: no parameters (nothing to load
+    or initialise), the fused shapes as meta tensors and the activation, which is all
+    :func:`moekit.hf.from_hf` reads from it."""
+
+    def __init__(self, E: int, H: int, D: int, Fh: int, activation: str):
+        super().__init__()
+        object.__setattr__(self, "gate_up_proj", torch.empty(E, H, D, device="meta"))
+        object.__setattr__(self, "down_proj", torch.empty(E, D, Fh, device="meta"))
+        self.act_fn = nn.SiLU() if activation == "swiglu" else nn.GELU()
+
+
+def _strip_experts(model: nn.Module) -> None:
+    from moekit import hf as H
+
+    for _, block, family in H._find_blocks(model):
+        cfg, _ = H._read_block(block, family, "loop")
+        if cfg.activation not in ("swiglu", "geglu"):
+            raise NotImplementedError(f"offloaded experts with activation {cfg.activation}")
+        H_ = 2 * cfg.ffn_hidden_size if cfg.is_glu else cfg.ffn_hidden_size
+        block.experts = _ExpertShapes(cfg.num_experts, H_, cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation)
+
+
+def _model_class(config):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(f"{type(config).__name__} has no causal-LM model class in transformers") from None
+
+
+def _dense_only_class(cls):
+    """``cls`` whose instances drop their experts right after construction."""
+
+    def __init__(self, config, *args, **kwargs):
+        cls.__init__(self, config, *args, **kwargs)
+        _strip_experts(self)
+
+    return type(f"ExpertsOffloaded{cls.__name__}", (cls,), {
+        "__init__": __init__,
+        # the checkpoint's expert tensors are left where they are (the store reads them)
+        "_keys_to_ignore_on_load_unexpected": [r"\.experts\."],
+    })
+
+
+# ---- results ----------------------------------------------------------------------------------------
+
+@dataclass
+class GenerationResult:
+    """``generated_ids``: the new tokens (list per sequence); ``sequences``: prompt + new tokens
+    (LongTensor [B, S]); ``metrics``: see :meth:`OffloadedModel.generate`."""
+
+    generated_ids: list[list[int]]
+    sequences: torch.Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class OffloadedModel:
+    """An HF causal LM with offloaded experts (see :func:`load_offloaded`).
+
+    ``model``: the HF model (patched; usable with ``generate`` or a plain forward),
+    ``store``, ``cache`` (:class:`~moekit.offload.ExpertCache`), ``weights``
+    (:class:`~moekit.offload.experts.ExpertWeights`: the experts held now, measured peak),
+    ``runtime``, ``layers`` (the :class:`OffloadedExperts` per MoE layer)."""
+
+    def __init__(self, model, store, cache, runtime: OffloadRuntime, layers: list[OffloadedExperts],
+                 model_dir: Path, store_dir: Path, device: torch.device):
+        self.model, self.store, self.cache, self.runtime, self.layers = model, store, cache, runtime, layers
+        self.weights = runtime.weights
+        self.model_dir, self.store_dir, self.device = model_dir, store_dir, device
+        self._forward_calls = 0
+        self._first_forward_end: Optional[float] = None
+        model.register_forward_pre_hook(self._pre_forward)
+        model.register_forward_hook(self._post_forward)
+
+    # phase bookkeeping: the first forward of a generate call is the prefill, the rest decode
+    def _pre_forward(self, module, args):
+        self.cache.set_phase("prefill" if self._forward_calls == 0 else "decode")
+
+    def _post_forward(self, module, args, output):
+        self._forward_calls += 1
+        if self._forward_calls == 1:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._first_forward_end = time.perf_counter()
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.cache.budget_bytes
+
+    @property
+    def min_budget_bytes(self) -> int:
+        return type(self.cache).min_budget(self.store.expert_bytes, self.store.index.top_k)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int = 32,
+                 **generate_kwargs: Any) -> GenerationResult:
+        """Greedy generation with transformers' ``generate`` (``do_sample=False`` unless given).
+
+        ``metrics``: ``prompt_tokens``, ``new_tokens``, ``seconds`` (wall, whole call),
+        ``prefill_seconds``, ``decode_seconds``, ``tokens_per_s`` (new tokens / seconds),
+        ``decode_tokens_per_s`` (tokens after the first / decode_seconds), ``hit_rate``,
+        ``hit_rate_prefill``, ``hit_rate_decode`` (fractions of the expert requests the cache
+        served from the fast tier), ``bytes_read`` (from the slow tier), ``bytes_read_per_token``
+        (per new token), ``bytes_per_decode_token``, ``read_seconds``, ``read_bandwidth``
+        (bytes/s while reading), ``io_bound_decode_tokens_per_s`` (read_bandwidth /
+        bytes_per_decode_token: the speed if reading were all the work), ``peak_expert_bytes``
+        (measured: the most expert weight bytes held at once), ``budget_bytes``,
+        ``min_budget_bytes``, ``expert_bytes_total`` (all experts), ``policy``, ``page_cache``."""
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.tensor([list(input_ids)], dtype=torch.long)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dtype != torch.long or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty LongTensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
+        vocab = getattr(self.model.config, "vocab_size", None)
+        if vocab is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(f"input_ids must lie in [0, vocab_size={vocab}), got ids from {int(input_ids.min())} "
+                             f"to {int(input_ids.max())}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        input_ids = input_ids.to(self.device)
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
+        if getattr(self.model.generation_config, "pad_token_id", None) is None:
+            generate_kwargs.setdefault("pad_token_id", getattr(self.model.generation_config, "eos_token_id", None) or 0)
+        before = self._counters()
+        self.weights.reset_peak()
+        self._forward_calls, self._first_forward_end = 0, None
+        t0 = time.perf_counter()
+        out = self.model.generate(input_ids, max_new_tokens=max_new_tokens, **generate_kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t1 = time.perf_counter()
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        new = sequences[:, input_ids.shape[1]:].cpu()
+        metrics = self._metrics(before, self._counters(), input_ids, new, t0, t1)
+        return GenerationResult(generated_ids=new.tolist(), sequences=sequences.cpu(), metrics=metrics)
+
+    def _counters(self) -> dict[str, Any]:
+        st = self.cache.stats
+        snap = {f"{ph}_{k}": getattr(st[ph], k) for ph in ("prefill", "decode")
+                for k in ("hits", "misses", "streamed", "bytes_loaded", "prefetch_bytes")}
+        snap.update(bytes_read=self.store.bytes_read, read_seconds=self.store.read_seconds)
+        return snap
+
+    def _metrics(self, a, b, input_ids, new, t0, t1) -> dict[str, Any]:
+        d = {k: b[k] - a[k] for k in a}
+        B, P = input_ids.shape
+        n_new = int(new.shape[1])
+        seconds = t1 - t0
+        first = self._first_forward_end or t1
+        prefill_s, decode_s = first - t0, t1 - first
+        decode_tokens = max(n_new - 1, 0)
+
+        def rate(ph):
+            req = d[f"{ph}_hits"] + d[f"{ph}_misses"] + d[f"{ph}_streamed"]
+            return d[f"{ph}_hits"] / req if req else None
+
+        req_all = sum(d[f"{ph}_{k}"] for ph in ("prefill", "decode") for k in ("hits", "misses", "streamed"))
+        hits_all = d["prefill_hits"] + d["decode_hits"]
+        decode_bytes = d["decode_bytes_loaded"] + d["decode_prefetch_bytes"]
+        bpdt = decode_bytes / (B * decode_tokens) if decode_tokens else None
+        bw = d["bytes_read"] / d["read_seconds"] if d["read_seconds"] > 0 else None
+        return {
+            "prompt_tokens": int(B * P), "new_tokens": int(B * n_new), "batch": int(B),
+            "seconds": seconds, "prefill_seconds": prefill_s, "decode_seconds": decode_s,
+            "tokens_per_s": B * n_new / seconds if seconds > 0 else None,
+            "decode_tokens_per_s": B * decode_tokens / decode_s if decode_tokens and decode_s > 0 else None,
+            "hit_rate": hits_all / req_all if req_all else None,
+            "hit_rate_prefill": rate("prefill"), "hit_rate_decode": rate("decode"),
+            "bytes_read": int(d["bytes_read"]),
+            "bytes_read_per_token": d["bytes_read"] / (B * n_new) if n_new else None,
+            "bytes_per_decode_token": bpdt,
+            "read_seconds": d["read_seconds"], "read_bandwidth": bw,
+            "io_bound_decode_tokens_per_s": (bw / bpdt) if bw and bpdt else None,
+            "peak_expert_bytes": int(self.weights.peak_bytes), "budget_bytes": int(self.budget_bytes),
+            "min_budget_bytes": int(self.min_budget_bytes), "expert_bytes_total": int(self.store.index.total_bytes),
+            "policy": self.cache.policy_name, "page_cache": getattr(self.store, "page_cache", "ram"),
+        }
+
+    def close(self) -> None:
+        self.weights.clear()
+        self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---- budget -------------------------------------------------------------------------------------------
+
+def free_memory_bytes(device: torch.device | str = "cpu") -> tuple[int, str]:
+    """(free bytes on ``device``, where the figure came from). CPU: the OS's MemAvailable
+    (/proc/meminfo; sysconf elsewhere). CUDA: NVML (nvidia-ml-py), falling back to
+    ``torch.cuda.mem_get_info`` when the NVML library is missing or fails."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            try:
+                h = pynvml.nvmlDeviceGetHandleByIndex(index)
+                return int(pynvml.nvmlDeviceGetMemoryInfo(h).free), "NVML"
+            finally:
+                pynvml.nvmlShutdown()
+        except Exception:  # ImportError, NVMLError (library not found, driver mismatch ...)
+            free, _ = torch.cuda.mem_get_info(index)
+            return int(free), "torch.cuda.mem_get_info (NVML unavailable)"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "/proc/meminfo MemAvailable"
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "sysconf(SC_AVPHYS_PAGES)"
+    except (ValueError, OSError, AttributeError):
+        raise RuntimeError("cannot read the free memory of this machine; give the budget in bytes") from None
+
+
+def auto_budget(expert_bytes_total: int, dense_bytes: int, device: torch.device | str = "cpu",
+                fraction: float = 0.8) -> tuple[int, str]:
+    """Budget for ``--budget auto``: ``fraction`` of the free memory on ``device`` after the
+    dense weights, at most every expert. Returns (bytes, how it was found)."""
+    free, source = free_memory_bytes(device)
+    budget = int(fraction * max(free - dense_bytes, 0))
+    return min(budget, int(expert_bytes_total)), f"{fraction:.0%} of free memory after dense weights ({source})"
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+
+def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir: Optional[str | os.PathLike] = None,
+                   policy: str = "predictive", device: str | torch.device = "cpu", tier: str = "disk",
+                   page_cache: str = "keep", verify: bool = True, dtype: Optional[torch.dtype] = None,
+                   profile=None, progress: Optional[bool] = None) -> OffloadedModel:
+    """An :class:`OffloadedModel` for the HF checkpoint in ``model_dir``.
+
+    ``budget``: bytes of expert weights the fast tier may hold (an int, a size like
+    ``"2GiB"``, or ``"auto"``: see :func:`auto_budget`); below one token's working set
+    (``sum_l top_k * expert bytes``) it is refused with the minimum stated. ``store_dir``:
+    the expert store (default next to the model, converted on first use with a progress
+    bar). ``tier``: ``"disk"`` (read on each miss) or ``"ram"`` (all experts in host memory).
+    ``page_cache``: ``keep`` / ``drop`` / ``direct`` (see :mod:`moekit.offload.store`).
+    ``dtype``: the model's dtype (default: the store's, which is the checkpoint's); the
+    experts must be computed in the store's dtype. ``profile``: [L, E] routing counts for the
+    cache (``static`` pins from it)."""
+    import transformers
+
+    from moekit import hf as H
+    from moekit.layer import moe_layers
+    from moekit.offload.cache import ExpertCache
+
+    model_dir = Path(model_dir)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device")
+    store_dir = ensure_store(model_dir, store_dir, progress=progress)
+    store = open_store(store_dir, model_dir=model_dir, tier=tier, page_cache=page_cache, verify=verify,
+                       progress=bool(progress))
+    try:
+        index = store.index
+        if dtype is not None and dtype != index.torch_dtype:
+            raise ValueError(f"dtype={dtype} differs from the expert store's {index.torch_dtype}; the offloaded "
+                             f"experts compute in the store's dtype")
+        hf_config = transformers.AutoConfig.from_pretrained(model_dir)
+        cls = _dense_only_class(_model_class(hf_config))
+        model = cls.from_pretrained(model_dir, dtype=index.torch_dtype)
+        H.patch_model(model, backend="loop")
+        cache_top_k = index.top_k
+        expert_bytes = index.expert_bytes
+        if isinstance(budget, str):
+            if budget.strip().lower() == "auto":
+                dense = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+                budget, _ = auto_budget(index.total_bytes, dense, device)
+            else:
+                from moekit.offload.simulate import parse_bytes
+
+                budget = parse_bytes(budget)
+        cache = ExpertCache(int(budget), expert_bytes, index.num_experts, cache_top_k, policy=policy, profile=profile)
+        runtime = OffloadRuntime(store, cache, ExpertWeights(), device=device, activation=index.activation)
+        layers: list[OffloadedExperts] = []
+        found = list(moe_layers(model))
+        if [n for n, _ in found] != [e.module for e in index.layers]:
+            raise StoreError(f"{store_dir}: the store's MoE layers {[e.module for e in index.layers]} are not the "
+                             f"model's {[n for n, _ in found]}")
+        for (name, layer), entry in zip(found, index.layers):
+            c = layer.config
+            H_ = 2 * c.ffn_hidden_size if c.is_glu else c.ffn_hidden_size
+            if (entry.num_experts, entry.w_in_shape, entry.w_out_shape, index.activation) != \
+                    (c.num_experts, (H_, c.hidden_size), (c.hidden_size, c.ffn_hidden_size), c.activation):
+                raise StoreError(f"{store_dir}: layer {name} in the store has E={entry.num_experts}, w_in "
+                                 f"{entry.w_in_shape}, w_out {entry.w_out_shape}, {index.activation}; the model has "
+                                 f"E={c.num_experts}, [{H_}, {c.hidden_size}], [{c.hidden_size}, {c.ffn_hidden_size}], "
+                                 f"{c.activation}")
+            experts = OffloadedExperts(entry.layer, runtime, c.num_experts, c.hidden_size)
+            layer.experts = experts
+            # patch_model made these on the meta device with the experts; they are counters
+            layer.tokens_per_expert = torch.zeros(c.num_experts, dtype=torch.long)
+            layer.expert_load = torch.zeros(c.num_experts, dtype=torch.long)
+            layers.append(experts)
+        meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if meta:
+            raise RuntimeError(f"offloaded model still has tensors on the meta device: {meta[:5]}")
+        model.to(device).eval()
+        return OffloadedModel(model, store, cache, runtime, layers, model_dir, Path(store_dir), device)
+    except BaseException:
+        store.close()
+        raise
