@@ -17,6 +17,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("moekit.cli.demo", "train a small byte-level MoE LM on CPU, show expert load, record a routing trace"),
     "plan": ("moekit.cli.plan", "plan expert placement (greedy / ILP) from routing traces and write placement.json"),
+    "simulate": ("moekit.cli.simulate", "replay a routing trace through the expert cache: hit rates per policy vs Belady"),
 }
 
 

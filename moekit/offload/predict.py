@@ -123,7 +123,8 @@ class PathPredictor:
         """Mean top-k recall (|predicted top-k & used| / used) on held-out routes ``[L, T, K]``.
 
         ``mode``: ``cross+temporal`` (previous layer and previous token), ``cross``, ``temporal``,
-        ``prior`` (frequency only), or ``path`` (layer l+``horizon`` from layer l alone)."""
+        ``prior`` (frequency only), or ``path`` (layer l+``horizon`` from layer l alone); ``cross``
+        and ``path`` skip the layers they have no input for."""
         hit = tot = 0
         Ltot, T = ids_LTK.shape[0], ids_LTK.shape[1]
         for t in range(T):
@@ -139,6 +140,8 @@ class PathPredictor:
                     src = [int(e) for e in ids_LTK[l - horizon, t] if e >= 0]
                     pred = self.predict_path(l - horizon, src, horizon)[-1]
                 elif mode == "cross":
+                    if l == 0:                      # nothing before the first layer
+                        continue
                     pred = self.predict(l, prev_l, ())
                 elif mode == "temporal":
                     pred = self.predict(l, (), prev_t)

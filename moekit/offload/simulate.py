@@ -127,7 +127,7 @@ def _result(policy: str, budget: int, stats: dict[str, PhaseStats], n_decode: in
 
 def simulate(trace: RoutingTrace, budget_bytes: int, policy: str = "predictive", *,
              expert_bytes: Optional[Sequence[int]] = None, profile: Optional[np.ndarray] = None,
-             predictor=None, streaming: bool = True) -> SimResult:
+             predictor=None, streaming: bool = True, prefetch: int = 0) -> SimResult:
     """Replay ``trace`` through an :class:`ExpertCache` with per-layer quotas.
 
     ``profile``: ``[L, E]`` counts for ``static``/``lfu`` (default for ``static``: the trace's
@@ -135,6 +135,8 @@ def simulate(trace: RoutingTrace, budget_bytes: int, policy: str = "predictive",
     current_experts, prev_layer_experts) -> list[int]`` feeding ``predictive`` (default: a
     :class:`~moekit.offload.predict.PathPredictor` learned online from the replay so far).
     ``streaming``: allow budgets below one token's working set (extra experts streamed).
+    ``prefetch``: with ``predictive``, after each decode access prefetch this many predicted
+    experts of the next layer (their loads count in bytes per decode token).
     """
     from moekit.offload.predict import PathPredictor
 
@@ -155,6 +157,9 @@ def simulate(trace: RoutingTrace, budget_bytes: int, policy: str = "predictive",
         cache.access(a.layer, a.experts)
         if policy == "predictive" and a.phase == "decode":
             predictor.update(a.layer, a.experts, prev_layer)
+            if prefetch and a.layer + 1 < L:
+                guess = predictor.predict(a.layer + 1, a.experts, predictor.last[a.layer + 1], n=prefetch)
+                cache.prefetch(a.layer + 1, guess)
         prev_layer = a.experts
     n_dec = len({a.token for a in acc if a.phase == "decode"})
     return _result(policy, budget_bytes, cache.stats, n_dec)
