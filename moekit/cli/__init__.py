@@ -17,6 +17,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("moekit.cli.demo", "train a small byte-level MoE LM on CPU, show expert load, record a routing trace"),
     "plan": ("moekit.cli.plan", "plan expert placement (greedy / ILP) from routing traces and write placement.json"),
+    "run": ("moekit.cli.run", "greedy generation with an HF MoE model whose experts are offloaded under a byte budget"),
     "simulate": ("moekit.cli.simulate", "replay a routing trace through the expert cache: hit rates per policy vs Belady"),
 }
 

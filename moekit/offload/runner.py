@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from moekit.offload.experts import ExpertWeights, OffloadedExperts, OffloadRuntime
-from moekit.offload.store import StoreError, config_hash, ensure_store, open_store
+from moekit.offload.store import RamStore, StoreError, ensure_store, open_store
 
 __all__ = ["OffloadedModel", "GenerationResult", "load_offloaded", "auto_budget", "free_memory_bytes"]
 
@@ -305,28 +305,34 @@ def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device")
     store_dir = ensure_store(model_dir, store_dir, progress=progress)
-    store = open_store(store_dir, model_dir=model_dir, tier=tier, page_cache=page_cache, verify=verify,
-                       progress=bool(progress))
+    if tier not in ("disk", "ram"):
+        raise ValueError(f"tier must be 'disk' or 'ram', got {tier!r}")
+    store = open_store(store_dir, model_dir=model_dir, tier="disk", page_cache=page_cache, verify=verify)
     try:
         index = store.index
         if dtype is not None and dtype != index.torch_dtype:
             raise ValueError(f"dtype={dtype} differs from the expert store's {index.torch_dtype}; the offloaded "
                              f"experts compute in the store's dtype")
+        if isinstance(budget, str) and budget.strip().lower() != "auto":
+            from moekit.offload.simulate import parse_bytes
+
+            budget = parse_bytes(budget)
+        make_cache = lambda b: ExpertCache(int(b), index.expert_bytes, index.num_experts, index.top_k,  # noqa: E731
+                                           policy=policy, profile=profile)
+        cache = None if isinstance(budget, str) else make_cache(budget)  # refused before any loading
+        if tier == "ram":
+            disk, store = store, None
+            try:
+                store = RamStore(disk, progress=bool(progress))
+            finally:
+                disk.close()
         hf_config = transformers.AutoConfig.from_pretrained(model_dir)
         cls = _dense_only_class(_model_class(hf_config))
         model = cls.from_pretrained(model_dir, dtype=index.torch_dtype)
         H.patch_model(model, backend="loop")
-        cache_top_k = index.top_k
-        expert_bytes = index.expert_bytes
-        if isinstance(budget, str):
-            if budget.strip().lower() == "auto":
-                dense = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
-                budget, _ = auto_budget(index.total_bytes, dense, device)
-            else:
-                from moekit.offload.simulate import parse_bytes
-
-                budget = parse_bytes(budget)
-        cache = ExpertCache(int(budget), expert_bytes, index.num_experts, cache_top_k, policy=policy, profile=profile)
+        if cache is None:  # budget="auto": what is free once the dense weights are in
+            dense = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+            cache = make_cache(auto_budget(index.total_bytes, dense, device)[0])
         runtime = OffloadRuntime(store, cache, ExpertWeights(), device=device, activation=index.activation)
         layers: list[OffloadedExperts] = []
         found = list(moe_layers(model))
@@ -354,5 +360,6 @@ def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir
         model.to(device).eval()
         return OffloadedModel(model, store, cache, runtime, layers, model_dir, Path(store_dir), device)
     except BaseException:
-        store.close()
+        if store is not None:
+            store.close()
         raise

@@ -1,0 +1,190 @@
+"""`moekit run`: greedy generation with an HF MoE model whose experts stay in an expert store.
+
+Thin front-end over :func:`moekit.offload.runner.load_offloaded`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  moekit run --model ./olmoe --budget 2GiB --prompt "The capital of France is"
+  moekit run --model ./qwen-moe --budget auto --prompt-ids 5,17,42 --max-new-tokens 16 --json
+  moekit run --model ./mixtral --budget 500MiB --page-cache drop --policy lru --prompt "Hi"
+
+The first run converts the checkpoint's experts into an expert store (one blob per expert,
+with a progress bar) in MODEL_DIR.moekit-experts next to the model, or in --store DIR; later
+runs reuse it. The budget counts expert weights in the fast tier (RAM on CPU, GPU memory with
+--device cuda); the dense weights (attention, embeddings, routers, shared experts) and the KV
+cache come on top. A budget below one token's working set (sum over MoE layers of top_k x the
+bytes of one expert) is refused with that minimum.
+
+Metrics: tokens/s, decode tokens/s, hit rate (prefill / decode: fraction of expert requests
+served from the fast tier), bytes read from the store per generated token, the I/O bound
+(decode tokens/s if reading were all the work, at the measured read bandwidth), and the peak
+bytes of expert weights held (measured) against the budget.
+"""
+
+POLICY_CHOICES = ("predictive", "lru", "lfu", "static")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def add_parser(subparsers, name: str = "run", help_text: str = "generate with an MoE model whose experts are offloaded"):
+    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="Hugging Face model directory (config.json + safetensors) of a Mixtral, Qwen2/3-MoE, "
+                        "OLMoE or DeepSeek-V3 family model")
+    p.add_argument("--budget", default="auto", metavar="SIZE",
+                   help="bytes of expert weights the fast tier may hold, e.g. 2GiB, 500MiB, 1.5GB, or 'auto': "
+                        "80%% of the free memory after the dense weights (the OS's on CPU, NVML's on a GPU, "
+                        "torch's when NVML is missing), at most all experts (default: auto)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the model computes and the expert cache lives (default: cpu)")
+    p.add_argument("--policy", choices=POLICY_CHOICES, default="predictive",
+                   help="cache eviction policy within each layer's slots: predictive (decayed frequency + "
+                        "predictions), lru, lfu, static (first experts pinned) (default: predictive)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the model's tokenizer in --model)")
+    src.add_argument("--prompt-ids", metavar="IDS",
+                     help="prompt as comma-separated token ids, e.g. 5,17,42 (no tokenizer needed)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="tokens to generate, greedily (default: 32)")
+    p.add_argument("--store", default=None, metavar="DIR",
+                   help="expert store directory (default: MODEL_DIR.moekit-experts next to the model); "
+                        "created from the checkpoint when it has no index yet")
+    p.add_argument("--tier", choices=["disk", "ram"], default="disk",
+                   help="slow tier: 'disk' reads each missed expert from the store; 'ram' holds every expert "
+                        "in host memory (pinned with CUDA) and copies misses to the device (default: disk)")
+    p.add_argument("--page-cache", choices=["keep", "drop", "direct"], default="keep",
+                   help="disk reads: 'keep' lets the OS cache them, 'drop' evicts each blob from the page "
+                        "cache after reading it (honest disk benchmarks), 'direct' uses O_DIRECT (default: keep)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the crc32 check of each expert blob read from disk (faster; corruption then "
+                        "goes unnoticed)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: generated_ids (the new tokens), the metrics, the budget used")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (it is also off when stderr is not a terminal)")
+    return p
+
+
+def _err(msg: str) -> int:
+    print(f"moekit run: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x, fmt="{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def run(args) -> int:
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        return _err(f"--model {args.model}: no config.json there (expects a Hugging Face model directory)")
+    if args.max_new_tokens < 1:
+        return _err(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    budget = args.budget.strip()
+    if budget.lower() != "auto":
+        from moekit.offload.simulate import parse_bytes
+
+        try:
+            budget = parse_bytes(budget)
+        except ValueError as exc:
+            return _err(f"--budget: {exc}")
+    ids = None
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t != ""]
+        except ValueError:
+            return _err(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
+        if not ids or min(ids) < 0:
+            return _err(f"--prompt-ids must be non-negative token ids, got {args.prompt_ids!r}")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _err("--device cuda: torch sees no CUDA device")
+    tokenizer = None
+    if args.prompt is not None:
+        if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+            return _err(f"--prompt needs a tokenizer in {model_dir} (none of {', '.join(TOKENIZER_FILES)}); "
+                        f"give token ids with --prompt-ids instead")
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except Exception as exc:  # no tokenizer files, or one transformers cannot load
+            return _err(f"--prompt needs a tokenizer in {model_dir} ({type(exc).__name__}: {exc}); "
+                        f"give token ids with --prompt-ids instead")
+        ids = tokenizer(args.prompt)["input_ids"]
+        if not ids:
+            return _err("--prompt encodes to no tokens")
+
+    from moekit.offload.runner import auto_budget, load_offloaded  # noqa: F401
+    from moekit.offload.store import StoreError
+
+    progress = not args.quiet and sys.stderr.isatty()
+    if not progress:  # transformers' own "Loading weights" bar too (this process is ours)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        om = load_offloaded(model_dir, budget, store_dir=args.store, policy=args.policy, device=args.device,
+                            tier=args.tier, page_cache=args.page_cache, verify=not args.no_verify,
+                            progress=progress)
+    except StoreError as exc:
+        return _err(str(exc))
+    except ValueError as exc:
+        msg = str(exc)
+        if "below" in msg and "minimum" in msg:
+            msg = f"--budget {args.budget}: {msg}"
+        return _err(msg)
+    try:
+        try:
+            result = om.generate(torch.tensor([ids], dtype=torch.long), max_new_tokens=args.max_new_tokens)
+        except (ValueError, StoreError) as exc:
+            return _err(str(exc))
+    finally:
+        om.close()
+    m = result.metrics
+    new_ids = result.generated_ids[0]
+    if args.json:
+        out = {"generated_ids": new_ids, "prompt_ids": ids, "model": str(model_dir), "store": str(om.store_dir),
+               "device": args.device, "tier": args.tier, **m}
+        if tokenizer is not None:
+            out["text"] = tokenizer.decode(new_ids, skip_special_tokens=True)
+        print(json.dumps(out))
+        return 0
+    if tokenizer is not None:
+        print(args.prompt + tokenizer.decode(new_ids, skip_special_tokens=True))
+    else:
+        print("generated ids: " + ",".join(str(i) for i in new_ids))
+    print(f"tokens/s {_num(m['tokens_per_s'])} (decode {_num(m['decode_tokens_per_s'])}, "
+          f"I/O bound {_num(m['io_bound_decode_tokens_per_s'])}), {m['new_tokens']} new tokens in {m['seconds']:.2f} s "
+          f"(prefill {m['prefill_seconds']:.2f} s, {m['prompt_tokens']} prompt tokens)")
+    print(f"hit rate {_pct(m['hit_rate'])} (prefill {_pct(m['hit_rate_prefill'])}, decode {_pct(m['hit_rate_decode'])}), "
+          f"policy {m['policy']}")
+    print(f"read {_size(m['bytes_read'])} from the store ({m['page_cache']}): {_size(m['bytes_read_per_token'])} per "
+          f"token, {_size(m['bytes_per_decode_token'])} per decode token, "
+          f"{_size(m['read_bandwidth'])}/s while reading" if m["read_bandwidth"] else
+          f"read {_size(m['bytes_read'])} from the store: {_size(m['bytes_read_per_token'])} per token")
+    print(f"expert weights held: peak {_size(m['peak_expert_bytes'])} of a {_size(m['budget_bytes'])} budget "
+          f"(minimum {_size(m['min_budget_bytes'])}; all experts {_size(m['expert_bytes_total'])})")
+    return 0
