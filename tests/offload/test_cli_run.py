@@ -1,0 +1,89 @@
+"""`moekit run`: --json output equals transformers' greedy generate, the store is made next to the
+model on first use, errors are one line and exit 2, every flag has help."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+
+from _offload_models import PROMPT, hf_generate, load_reference, save_model  # noqa: E402
+from moekit.cli import build_parser, main  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = save_model("olmoe", tmp_path_factory.mktemp("cli") / "olmoe", seed=21)
+    return d, hf_generate(load_reference(d), PROMPT, 8)
+
+
+def _run(capsys, *argv):
+    rc = main(["run", *map(str, argv)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_json_matches_hf_and_store_made_next_to_model(model, capsys):
+    d, want = model
+    ids = ",".join(map(str, PROMPT))
+    rc, out, _ = _run(capsys, "--model", d, "--budget", "auto", "--prompt-ids", ids, "--max-new-tokens", 8, "--json")
+    assert rc == 0
+    res = json.loads(out)
+    assert res["generated_ids"] == want
+    assert (d.parent / "olmoe.moekit-experts" / "index.json").exists()
+    assert res["store"] == str(d.parent / "olmoe.moekit-experts")
+    for k in ("tokens_per_s", "hit_rate", "hit_rate_decode", "bytes_read_per_token", "peak_expert_bytes",
+              "budget_bytes", "min_budget_bytes"):
+        assert k in res
+    assert res["peak_expert_bytes"] <= res["budget_bytes"]
+    # at the minimum, with another policy, LRU and the page cache dropped: same tokens, within budget
+    rc, out, _ = _run(capsys, "--model", d, "--budget", res["min_budget_bytes"], "--policy", "lru",
+                      "--page-cache", "drop", "--prompt-ids", ids, "--max-new-tokens", 8, "--json")
+    low = json.loads(out)
+    assert rc == 0 and low["generated_ids"] == want and low["peak_expert_bytes"] <= low["budget_bytes"]
+    assert low["bytes_read"] > res["bytes_read"]
+    rc, out, _ = _run(capsys, "--model", d, "--budget", "1GiB", "--prompt-ids", ids, "--max-new-tokens", 8)
+    assert rc == 0 and "generated ids: " + ",".join(map(str, want)) in out and "hit rate" in out
+
+
+def test_budget_below_minimum(model, capsys):
+    d, _ = model
+    rc, out, err = _run(capsys, "--model", d, "--budget", "1KiB", "--prompt-ids", "1,2,3")
+    assert rc == 2 and out == ""
+    assert "--budget 1KiB" in err and "the minimum is" in err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--budget", "lots", "--prompt-ids", "1,2"], "--budget"),
+    (["--prompt-ids", "1,x"], "--prompt-ids"),
+    (["--prompt-ids", "1,2", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--prompt", "hello"], "tokenizer"),
+])
+def test_bad_input(model, capsys, argv, msg):
+    d, _ = model
+    rc, _, err = _run(capsys, "--model", d, *argv)
+    assert rc == 2 and msg in err and err.count("\n") == 1
+
+
+def test_not_a_model_dir(tmp_path, capsys):
+    rc, _, err = _run(capsys, "--model", tmp_path, "--prompt-ids", "1")
+    assert rc == 2 and "config.json" in err
+
+
+def test_every_flag_has_help():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    p = sub.choices["run"]
+    flags = [a for a in p._actions if a.option_strings and a.dest != "help"]
+    assert {f.option_strings[0] for f in flags} >= {"--model", "--budget", "--device", "--policy", "--prompt",
+                                                   "--prompt-ids", "--max-new-tokens", "--store", "--json"}
+    assert all(a.help and len(a.help) > 15 for a in flags)
