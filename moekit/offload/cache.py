@@ -149,8 +149,8 @@ class ExpertCache:
         self.streaming = bool(streaming)
         self.policy_name = policy
         self.policy: Policy = make_policy(policy, L, num_experts, profile, future)
-        if hasattr(self.policy, "set_quotas"):
-            self.policy.set_quotas(quotas)
+        if hasattr(self.policy, "set_quotas"):  # what a policy may pin: a slot stays free for streaming
+            self.policy.set_quotas(quotas if streaming else [max(q - 1, 0) for q in quotas])
         self._resident: list[set[int]] = [set() for _ in range(L)]
         self._unused_prefetch: list[set[int]] = [set() for _ in range(L)]
         self._in_use: tuple[int, set[int]] = (-1, set())
@@ -210,6 +210,10 @@ class ExpertCache:
             worst = self._victim(layer, protect=set(need)) if full else None
             worst_p = None if not full else pol.priority(layer, worst)
             if not pol.admit(layer, e, worst_p):
+                # a streamed expert needs memory while it is used: a free slot, else the policy's
+                # victim goes (simulation modes, `streaming` and offline oracles, use a scratch slot)
+                if full and not self.streaming and not getattr(pol, "offline", False):
+                    self._evict(layer, worst, out)
                 out.streamed.append(e)
                 continue
             if full:

@@ -88,8 +88,9 @@ class LFU(Policy):
 
 
 class Static(Policy):
-    """The ``quota`` hottest experts of each layer (from a routing profile) stay resident; every
-    other expert is streamed. Without a profile, the first experts seen fill the slots."""
+    """The hottest experts of each layer (from a routing profile; without one, the first seen)
+    stay resident, as many as the cache lets a policy pin (its quota less the slot that streamed
+    experts pass through); every other expert is streamed."""
 
     name = "static"
 
@@ -97,11 +98,13 @@ class Static(Policy):
         super().__init__(num_layers, num_experts)
         self.profile_LE = None if profile_LE is None else np.asarray(profile_LE, dtype=np.float64)
         self.hot: list[set] = [set() for _ in range(num_layers)]
+        self.pin_slots = [num_experts] * num_layers
 
-    def set_quotas(self, quotas: Sequence[int]) -> None:
+    def set_quotas(self, pin_slots: Sequence[int]) -> None:
+        self.pin_slots = list(pin_slots)
         if self.profile_LE is None:
             return
-        for l, q in enumerate(quotas):
+        for l, q in enumerate(pin_slots):
             order = np.argsort(-self.profile_LE[l], kind="stable")
             self.hot[l] = {int(e) for e in order[:q] if self.profile_LE[l, e] > 0}
 
@@ -109,8 +112,8 @@ class Static(Policy):
         return (1e18 if expert in self.hot[layer] else 0.0) + float(self.last_use_LE[layer, expert])
 
     def admit(self, layer: int, expert: int, worst_resident: Optional[float]) -> bool:
-        if self.profile_LE is None:
-            return worst_resident is None        # fill free slots once, then never replace
+        if self.profile_LE is None and expert not in self.hot[layer] and len(self.hot[layer]) < self.pin_slots[layer]:
+            self.hot[layer].add(expert)  # the first experts seen are pinned, then never replaced
         return expert in self.hot[layer]
 
     def pinned(self, layer: int) -> Optional[set]:
@@ -158,6 +161,7 @@ class Belady(Policy):
     """
 
     name = "belady"
+    offline = True  # an oracle for simulation: needs the future; its bypasses use a scratch slot
 
     def __init__(self, num_layers: int, num_experts: int, future: Sequence[Sequence[Sequence[int]]]):
         super().__init__(num_layers, num_experts)

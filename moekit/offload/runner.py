@@ -300,6 +300,11 @@ def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir
     from moekit.layer import moe_layers
     from moekit.offload.cache import ExpertCache
 
+    from moekit.offload.policies import POLICIES, Belady
+
+    if policy == Belady.name:
+        raise ValueError(f"policy {policy!r} is an offline oracle (it needs the future accesses): use it with "
+                         f"`moekit simulate`; for generation pick one of {[n for n in POLICIES if n != Belady.name]}")
     model_dir = Path(model_dir)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -62,11 +62,15 @@ def test_lfu_evicts_least_frequent():
 
 def test_static_pins_profile_hot_set_and_streams_the_rest():
     prof = np.array([[0, 9, 8, 0, 1, 0, 0, 0]])
-    c = ExpertCache(2 * 10, [10], 8, 1, policy="static", profile=prof)
+    c = ExpertCache(3 * 10, [10], 8, 1, policy="static", profile=prof)  # 2 pinned + the streaming slot
     r = c.access(0, [4])
     assert r.streamed == [4] and c.resident(0) == set()
     c.access(0, [1]); c.access(0, [2])
     assert c.access(0, [4]).streamed == [4] and c.resident(0) == {1, 2}
+    assert c.bytes_used + 10 <= 30  # the streamed expert fits beside the pinned ones
+    c2 = ExpertCache(2 * 10, [10], 8, 1, policy="static")  # no profile: the first seen, 1 pinned
+    c2.access(0, [5]); c2.access(0, [6])
+    assert c2.resident(0) == {5} and c2.access(0, [6]).streamed == [6]
 
 
 def test_predictive_keeps_predicted_and_prefetch_protects_access_in_flight():

@@ -46,7 +46,7 @@ def _budgets(om):
 
 
 @pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
-@pytest.mark.parametrize("policy", ["predictive", "lru"])
+@pytest.mark.parametrize("policy", ["predictive", "lru", "lfu", "static"])
 def test_tokens_equal_hf_generate_at_every_budget(setup, family, policy):
     model_dir, store_dir, want = setup[family]
     probe = load_offloaded(model_dir, "100GiB", store_dir=store_dir, progress=False)
