@@ -18,6 +18,7 @@ of one model; nothing is global.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,11 +32,16 @@ __all__ = ["ExpertWeights", "OffloadRuntime", "OffloadedExperts"]
 
 class ExpertWeights:
     """The experts held in the fast tier: ``held[(layer, expert)] = (w_in_HD, w_out_DF)``, with
-    the bytes held now (resident plus an expert streaming through) and the peak since
-    :meth:`reset_peak`: the measured side of the cache's budget."""
+    the bytes held now (resident, reserved for a prefetch in flight, plus an expert streaming
+    through) and the peak since :meth:`reset_peak`: the measured side of the cache's budget.
+
+    A prefetch reserves its expert's bytes when it is issued (:meth:`reserve`), before the
+    background read allocates the buffer, and keeps them counted until the weights are used
+    (:meth:`fill`) or dropped (:meth:`unreserve`): in-flight buffers count against the budget."""
 
     def __init__(self):
         self.held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reserved: dict[tuple[int, int], int] = {}
         self.bytes_held = 0
         self.peak_bytes = 0
         self._transient = 0
@@ -45,7 +51,7 @@ class ExpertWeights:
         return w[0].numel() * w[0].element_size() + w[1].numel() * w[1].element_size()
 
     def put(self, key: tuple[int, int], w: tuple[torch.Tensor, torch.Tensor]) -> None:
-        assert key not in self.held, f"expert {key} loaded twice"
+        assert key not in self.held and key not in self.reserved, f"expert {key} loaded twice"
         self.held[key] = w
         self._add(self.nbytes(w))
 
@@ -53,6 +59,22 @@ class ExpertWeights:
         w = self.held.pop(key)
         self.bytes_held -= self.nbytes(w)
         return w
+
+    def reserve(self, key: tuple[int, int], nbytes: int) -> None:
+        """Count ``nbytes`` for a prefetch of ``key`` in flight (the buffer is being read)."""
+        assert key not in self.held and key not in self.reserved, f"expert {key} prefetched twice"
+        self.reserved[key] = int(nbytes)
+        self._add(int(nbytes))
+
+    def fill(self, key: tuple[int, int], w: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """The prefetch of ``key`` arrived: hold ``w`` under the bytes reserved for it."""
+        n = self.reserved.pop(key)
+        assert n == self.nbytes(w), f"expert {key}: reserved {n} bytes, read {self.nbytes(w)}"
+        self.held[key] = w
+
+    def unreserve(self, key: tuple[int, int]) -> None:
+        """The prefetch of ``key`` was dropped before use (evicted or cancelled)."""
+        self.bytes_held -= self.reserved.pop(key)
 
     def hold_transient(self, w: tuple[torch.Tensor, torch.Tensor]) -> int:
         """Count a streamed expert while it is in use; returns its bytes for :meth:`release`."""
@@ -71,36 +93,68 @@ class ExpertWeights:
         self.peak_bytes = self.bytes_held
 
     def resident(self, layer: int) -> set[int]:
-        return {e for (l, e) in self.held if l == layer}
+        """Experts of ``layer`` held or on their way (a prefetch in flight)."""
+        return {e for (l, e) in self.held if l == layer} | {e for (l, e) in self.reserved if l == layer}
 
     def clear(self) -> None:
         self.held.clear()
+        self.reserved.clear()
         self.bytes_held = 0
 
 
 @dataclass
 class LoadStats:
-    """Demand loads done by the runtime (the cache's stats count decisions; these count work)."""
+    """Work done by the runtime (the cache's stats count decisions; these count work).
+
+    ``loads``/``bytes_loaded``/``load_seconds``: demand loads on the calling thread.
+    ``prefetch_*``: background reads (``prefetch_read_seconds`` on the worker, overlapped with
+    compute), ``prefetch_wait_seconds``: the calling thread blocked on a prefetch not yet
+    arrived, ``prefetch_dropped``: prefetched experts evicted before any use.
+    ``slow_tier_computes``: misses computed where the expert lives instead of copied (see
+    :class:`~moekit.offload.throughput.MissCostModel`)."""
 
     loads: int = 0
     bytes_loaded: int = 0
     load_seconds: float = 0.0
     compute_seconds: float = 0.0
     forwards: int = 0
+    prefetch_loads: int = 0
+    prefetch_bytes: int = 0
+    prefetch_read_seconds: float = 0.0
+    prefetch_wait_seconds: float = 0.0
+    prefetch_dropped: int = 0
+    slow_tier_computes: int = 0
+    slow_tier_seconds: float = 0.0
 
 
 class OffloadRuntime:
     """What the offloaded experts of one model share: the store (slow tier), the cache
-    (decisions), the held weights (fast tier), the compute device and activation."""
+    (decisions), the held weights (fast tier), the compute device and activation.
+
+    Prefetch (:meth:`prefetch_async`): the cache decides on the calling thread (admission,
+    evictions), the weights dict is changed on the calling thread only, and one background
+    worker thread does nothing but the reads (``pread`` releases the GIL; on CUDA the copy runs
+    on a side stream and the consumer waits on its event). A prefetched expert is in
+    ``pending`` until an access needs it (:meth:`_resolve` waits for it) or an eviction drops
+    it; its bytes are reserved in :class:`ExpertWeights` from the moment it is issued.
+
+    ``miss_model``: optional :class:`~moekit.offload.throughput.MissCostModel`; when set (CUDA
+    device over a RAM tier) a miss whose copy would cost more than computing it on the CPU
+    where it lives is computed there (Fiddler / llama.cpp ``--n-cpu-moe``)."""
 
     def __init__(self, store, cache, weights: Optional[ExpertWeights] = None, *, device="cpu",
-                 activation: str = "swiglu", check_invariants: bool = True):
+                 activation: str = "swiglu", check_invariants: bool = True, miss_model=None):
         self.store, self.cache = store, cache
         self.weights = weights if weights is not None else ExpertWeights()
         self.device = torch.device(device)
         self.activation = activation
         self.check_invariants = check_invariants
+        self.miss_model = miss_model
         self.stats = LoadStats()
+        self.pending: dict[tuple[int, int], Future] = {}
+        self.dry = False  # calibration: experts return zeros without touching cache or store
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._side_stream = None
 
     def _load(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
@@ -112,13 +166,45 @@ class OffloadRuntime:
 
     def _free(self, evicted) -> None:
         for key in evicted:
-            self.weights.pop(tuple(key))
+            key = tuple(key)
+            fut = self.pending.pop(key, None)
+            if fut is None:
+                self.weights.pop(key)
+                continue
+            if not fut.cancel():  # already reading: let it finish, then drop the buffer
+                try:
+                    fut.result()
+                except Exception:  # noqa: BLE001 - a failed read of an expert nobody uses
+                    pass
+            self.weights.unreserve(key)
+            self.stats.prefetch_dropped += 1
+
+    def _resolve(self, key: tuple[int, int]) -> None:
+        """Wait for the prefetch of ``key`` and hold its weights (a failed read raises here)."""
+        fut = self.pending.pop(key)
+        t0 = time.perf_counter()
+        try:
+            w, event = fut.result()
+        except BaseException:
+            self.weights.unreserve(key)
+            raise
+        if event is not None:  # CUDA: the copy ran on the side stream
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(event)
+            for t in w:
+                t.record_stream(cur)
+        self.stats.prefetch_wait_seconds += time.perf_counter() - t0
+        self.weights.fill(key, w)
 
     def access(self, layer: int, experts: list[int]):
-        """Ask the cache for ``experts`` of ``layer``; free the evicted, load the misses.
-        Returns the cache's :class:`~moekit.offload.AccessResult` (streamed still to do)."""
+        """Ask the cache for ``experts`` of ``layer``; free the evicted, load the misses, wait for
+        the prefetches of the experts used. Returns the cache's
+        :class:`~moekit.offload.AccessResult` (streamed still to do)."""
         res = self.cache.access(layer, experts)
         self._free(res.evicted)
+        for e in (*res.hits, *res.streamed):
+            if (layer, e) in self.pending:
+                self._resolve((layer, e))
         for e in res.misses:
             self.weights.put((layer, e), self._load(layer, e))
         return res
@@ -130,6 +216,51 @@ class OffloadRuntime:
         for e in res.misses:
             self.weights.put((layer, e), self._load(layer, e))
         return list(res.misses)
+
+    # ---- background prefetch ------------------------------------------------------------------
+    def _read_bg(self, layer: int, expert: int):
+        """Worker thread: one read (and on CUDA its copy on the side stream); nothing else."""
+        t0 = time.perf_counter()
+        event = None
+        if self.device.type == "cuda":
+            with torch.cuda.stream(self._side_stream):
+                w = self.store.read(layer, expert, self.device)
+                event = torch.cuda.Event()
+                event.record(self._side_stream)
+        else:
+            w = self.store.read(layer, expert, None)
+        self.stats.prefetch_read_seconds += time.perf_counter() - t0  # only the worker writes it
+        return w, event
+
+    def prefetch_async(self, layer: int, experts: list[int]) -> list[int]:
+        """Admit ``experts`` of ``layer`` (best first) and read them on the worker thread; the
+        cache never evicts the access in flight for them. Returns the experts issued."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-prefetch")
+            if self.device.type == "cuda":
+                self._side_stream = torch.cuda.Stream(self.device)
+        res = self.cache.prefetch(layer, experts)
+        self._free(res.evicted)
+        nb = self.cache.expert_bytes[layer]
+        for e in res.misses:
+            key = (layer, e)
+            self.weights.reserve(key, nb)
+            self.pending[key] = self._executor.submit(self._read_bg, layer, e)
+            self.stats.prefetch_loads += 1
+            self.stats.prefetch_bytes += nb
+        return list(res.misses)
+
+    def drain(self) -> None:
+        """Wait for every prefetch in flight and hold its weights (still resident in the cache)."""
+        for key in list(self.pending):
+            self._resolve(key)
+
+    def close(self) -> None:
+        for key in list(self.pending):
+            self._free([key])
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def check(self, layer: int) -> None:
         if self.check_invariants:
@@ -173,6 +304,8 @@ class OffloadedExperts(nn.Module):
             raise ValueError(f"tokens_per_expert_E has {len(counts)} entries, expected E={self.num_experts}")
         y_ND = x_ND.new_empty(x_ND.shape)
         active = [e for e, n in enumerate(counts) if n]
+        if rt.dry:  # calibration of the dense part: no cache, no store, no expert math
+            return y_ND.zero_()
         rt.stats.forwards += 1
         if not active:
             return y_ND
@@ -180,6 +313,10 @@ class OffloadedExperts(nn.Module):
         for n in counts:
             starts.append(s)
             s += n
+        if rt.miss_model is not None:  # misses computed where they live (CPU) instead of copied
+            active = self._compute_in_slow_tier(x_ND, y_ND, active, starts, counts)
+            if not active:
+                return y_ND
         res = rt.access(self.layer, active)
         held = rt.weights.held
         t0 = time.perf_counter()
@@ -208,6 +345,28 @@ class OffloadedExperts(nn.Module):
             release()
         rt.check(self.layer)
         return y_ND
+
+    def _compute_in_slow_tier(self, x_ND, y_ND, active, starts, counts) -> list[int]:
+        """Experts of ``active`` neither resident nor in flight for which the runtime's
+        ``miss_model`` prefers computing on the host (weights from the RAM tier, rows copied over
+        and back) to copying the weights to the device; computes those into ``y_ND`` and returns
+        the rest. These are not requests of the fast-tier cache (its hit rate leaves them out;
+        ``LoadStats.slow_tier_computes`` counts them). Untested without a GPU (see the model)."""
+        rt = self.runtime
+        resident = rt.cache.resident(self.layer)
+        rest = []
+        for e in active:
+            if e in resident or rt.miss_model.decide(self.layer, counts[e], rt.cache) != "compute_slow":
+                rest.append(e)
+                continue
+            t0 = time.perf_counter()
+            w = rt.store.read(self.layer, e, None)  # host tensors of the RAM tier (no copy)
+            a, n = starts[e], counts[e]
+            y_host = _expert_mlp(x_ND[a:a + n].to("cpu"), w, rt.activation)
+            y_ND[a:a + n] = y_host.to(y_ND.device, non_blocking=False)
+            rt.stats.slow_tier_computes += 1
+            rt.stats.slow_tier_seconds += time.perf_counter() - t0
+        return rest
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, E={self.num_experts}, D={self.hidden_size}, offloaded"

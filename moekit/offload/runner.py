@@ -114,19 +114,33 @@ class OffloadedModel:
         self.model_dir, self.store_dir, self.device = model_dir, store_dir, device
         self._forward_calls = 0
         self._first_forward_end: Optional[float] = None
+        self._calibrating = False
+        self.prefetcher = None   # a moekit.offload.prefetch.Prefetcher when prefetch is on
+        self.rates = None        # moekit.offload.throughput.Rates once calibrate() ran
         model.register_forward_pre_hook(self._pre_forward)
         model.register_forward_hook(self._post_forward)
 
     # phase bookkeeping: the first forward of a generate call is the prefill, the rest decode
     def _pre_forward(self, module, args):
-        self.cache.set_phase("prefill" if self._forward_calls == 0 else "decode")
+        if not self._calibrating:
+            self.cache.set_phase("prefill" if self._forward_calls == 0 else "decode")
 
     def _post_forward(self, module, args, output):
+        if self._calibrating:
+            return
         self._forward_calls += 1
         if self._forward_calls == 1:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self._first_forward_end = time.perf_counter()
+
+    def calibrate(self, **kwargs):
+        """Measure the rates the throughput model needs (:func:`moekit.offload.throughput.calibrate`);
+        later :meth:`generate` calls then report the predicted decode tokens/s and bound."""
+        from moekit.offload.throughput import calibrate
+
+        self.rates = calibrate(self, **kwargs)
+        return self.rates
 
     @property
     def budget_bytes(self) -> int:
@@ -176,6 +190,7 @@ class OffloadedModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t1 = time.perf_counter()
+        self.runtime.drain()  # reads still in flight land now, outside the timed region
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         new = sequences[:, input_ids.shape[1]:].cpu()
         metrics = self._metrics(before, self._counters(), input_ids, new, t0, t1)
@@ -186,6 +201,14 @@ class OffloadedModel:
         snap = {f"{ph}_{k}": getattr(st[ph], k) for ph in ("prefill", "decode")
                 for k in ("hits", "misses", "streamed", "bytes_loaded", "prefetch_bytes")}
         snap.update(bytes_read=self.store.bytes_read, read_seconds=self.store.read_seconds)
+        snap.update({f"decode_{k}": getattr(st["decode"], k) for k in ("prefetched", "prefetch_hits", "accesses")})
+        rs = self.runtime.stats
+        snap.update(prefetch_loads=rs.prefetch_loads, prefetch_dropped=rs.prefetch_dropped,
+                    prefetch_wait_seconds=rs.prefetch_wait_seconds, prefetch_read_seconds=rs.prefetch_read_seconds,
+                    load_seconds=rs.load_seconds, compute_seconds=rs.compute_seconds,
+                    slow_tier_computes=rs.slow_tier_computes)
+        if self.prefetcher is not None:
+            snap.update(self.prefetcher.counters())
         return snap
 
     def _metrics(self, a, b, input_ids, new, t0, t1) -> dict[str, Any]:
@@ -221,9 +244,60 @@ class OffloadedModel:
             "peak_expert_bytes": int(self.weights.peak_bytes), "budget_bytes": int(self.budget_bytes),
             "min_budget_bytes": int(self.min_budget_bytes), "expert_bytes_total": int(self.store.index.total_bytes),
             "policy": self.cache.policy_name, "page_cache": getattr(self.store, "page_cache", "ram"),
+            **self._prefetch_metrics(d, B, decode_tokens),
+            **self._model_metrics(d, B, decode_tokens),
         }
 
+    def _prefetch_metrics(self, d, B, decode_tokens) -> dict[str, Any]:
+        """``prefetch`` (on/off), ``prefetch_horizon`` (last look-ahead used), ``prediction_recall``
+        (fraction of the experts the routers picked that the look-ahead had predicted, per token),
+        ``prediction_recall_prefill`` / ``_decode``, ``prefetched`` (experts read ahead),
+        ``prefetch_hits`` (decode requests served by a prefetched expert on its first use),
+        ``prefetch_dropped`` (read ahead, evicted unused), ``prefetch_wait_seconds`` (blocked on
+        a read still in flight), ``demand_load_seconds``, ``expert_compute_seconds``,
+        ``slow_tier_computes`` (misses computed where they live)."""
+        out: dict[str, Any] = {"prefetch": self.prefetcher is not None, "prefetched": int(d["prefetch_loads"]),
+                               "prefetch_hits": int(d["decode_prefetch_hits"]),
+                               "prefetch_dropped": int(d["prefetch_dropped"]),
+                               "prefetch_wait_seconds": d["prefetch_wait_seconds"],
+                               "demand_load_seconds": d["load_seconds"], "expert_compute_seconds": d["compute_seconds"],
+                               "slow_tier_computes": int(d["slow_tier_computes"])}
+        if self.prefetcher is not None:
+            def rec(ph):
+                tot = d[f"recall_total_{ph}"]
+                return d[f"recall_hits_{ph}"] / tot if tot else None
+
+            tot = d["recall_total_prefill"] + d["recall_total_decode"]
+            out.update(prefetch_horizon=self.prefetcher.horizon,
+                       prediction_recall=(d["recall_hits_prefill"] + d["recall_hits_decode"]) / tot if tot else None,
+                       prediction_recall_prefill=rec("prefill"), prediction_recall_decode=rec("decode"))
+        return out
+
+    def _model_metrics(self, d, B, decode_tokens) -> dict[str, Any]:
+        """With :meth:`calibrate` done: ``predicted_decode_tokens_per_s`` and ``predicted_bound``
+        from :func:`moekit.offload.throughput.predict_decode` on the calibrated rates and this
+        run's measured decode hit rate and prefetch reads; ``predicted_io_bound_tokens_per_s``,
+        ``predicted_compute_bound_tokens_per_s``."""
+        if self.rates is None or not decode_tokens:
+            return {}
+        from moekit.offload.throughput import ModelShape, predict_decode
+
+        req = d["decode_hits"] + d["decode_misses"] + d["decode_streamed"]
+        if not req:
+            return {}
+        steps = decode_tokens
+        shape = ModelShape.of_store(self.store.index)
+        p = predict_decode(shape, self.rates, hit_rate=d["decode_hits"] / req, batch=B,
+                           prefetch_reads=d["decode_prefetched"] / steps, requests=req / steps)
+        return {"predicted_decode_tokens_per_s": p.tokens_per_s, "predicted_bound": p.bound,
+                "predicted_io_bound_tokens_per_s": p.io_bound_tokens_per_s,
+                "predicted_compute_bound_tokens_per_s": p.compute_bound_tokens_per_s,
+                "calibrated_rates": {k: v for k, v in vars(self.rates).items()}}
+
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.remove()
+        self.runtime.close()
         self.weights.clear()
         self.store.close()
 
@@ -232,6 +306,30 @@ class OffloadedModel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _host_compute_factor(store, activation: str, device: torch.device, repeat: int = 20) -> float:
+    """Host time / device time of one expert's MLP on one row (for the miss cost model)."""
+    import statistics
+
+    from moekit.offload.experts import _expert_mlp
+
+    w_host = store.read(0, 0, None)
+    w_dev = tuple(t.to(device) for t in w_host)
+    x = torch.randn(1, w_host[1].shape[0], dtype=w_host[0].dtype)
+    xd = x.to(device)
+
+    def med(fn):
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    host = med(lambda: _expert_mlp(x, w_host, activation))
+    dev = med(lambda: (_expert_mlp(xd, w_dev, activation), torch.cuda.synchronize(device)))
+    return host / max(dev, 1e-9)
 
 
 # ---- budget -------------------------------------------------------------------------------------------
@@ -282,7 +380,8 @@ def auto_budget(expert_bytes_total: int, dense_bytes: int, device: torch.device 
 def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir: Optional[str | os.PathLike] = None,
                    policy: str = "predictive", device: str | torch.device = "cpu", tier: str = "disk",
                    page_cache: str = "keep", verify: bool = True, dtype: Optional[torch.dtype] = None,
-                   profile=None, progress: Optional[bool] = None) -> OffloadedModel:
+                   profile=None, progress: Optional[bool] = None, prefetch: bool = False,
+                   horizon: int | str = "auto", miss_model=None) -> OffloadedModel:
     """An :class:`OffloadedModel` for the HF checkpoint in ``model_dir``.
 
     ``budget``: bytes of expert weights the fast tier may hold (an int, a size like
@@ -293,7 +392,12 @@ def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir
     ``page_cache``: ``keep`` / ``drop`` / ``direct`` (see :mod:`moekit.offload.store`).
     ``dtype``: the model's dtype (default: the store's, which is the checkpoint's); the
     experts must be computed in the store's dtype. ``profile``: [L, E] routing counts for the
-    cache (``static`` pins from it)."""
+    cache (``static`` pins from it). ``prefetch``: look-ahead prediction and background reads
+    (:class:`~moekit.offload.prefetch.Prefetcher`; ``horizon`` an int or ``"auto"``: from the
+    measured read and compute times). ``miss_model``: ``"auto"`` (only with ``device="cuda"``
+    and ``tier="ram"``: calibrate a :class:`~moekit.offload.throughput.MissCostModel` and
+    compute a miss on the CPU where that is cheaper than copying it; not run on a GPU in this
+    repository's tests), a ``MissCostModel``, or None."""
     import transformers
 
     from moekit import hf as H
@@ -363,7 +467,24 @@ def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir
         if meta:
             raise RuntimeError(f"offloaded model still has tensors on the meta device: {meta[:5]}")
         model.to(device).eval()
-        return OffloadedModel(model, store, cache, runtime, layers, model_dir, Path(store_dir), device)
+        om = OffloadedModel(model, store, cache, runtime, layers, model_dir, Path(store_dir), device)
+        if miss_model is not None:
+            if device.type != "cuda" or tier != "ram":
+                raise ValueError("miss_model (compute a miss where it lives) needs device='cuda' and tier='ram': on "
+                                 "a CPU-only machine both tiers are host memory")
+            if miss_model == "auto":
+                from moekit.offload.throughput import MissCostModel
+
+                rates = om.calibrate()
+                rates.slow_compute_factor = _host_compute_factor(store, index.activation, device)
+                miss_model = MissCostModel(rates, index.expert_bytes, found[0][1].config.hidden_size,
+                                           act_bytes=torch.tensor([], dtype=index.torch_dtype).element_size())
+            runtime.miss_model = miss_model
+        if prefetch:
+            from moekit.offload.prefetch import Prefetcher
+
+            om.prefetcher = Prefetcher(runtime, [layer for _, layer in found], horizon=horizon)
+        return om
     except BaseException:
         if store is not None:
             store.close()

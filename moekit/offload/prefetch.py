@@ -1,0 +1,186 @@
+"""Look-ahead prefetch for offloaded generation: while MoE layer ``l`` computes, guess the
+experts of layers ``l+1 .. l+h`` and read them on a background thread.
+
+Legend: L MoE layers, E experts, K top-k, D model dim, T tokens in the forward.
+
+The guess is training-free (:func:`moekit.offload.predict.lookahead_topk`): the next layers'
+routers applied to the hidden state entering layer ``l`` (the residual stream changes little
+from one layer to the next). Per target layer the experts are ranked by how many tokens chose
+them and cut to the layer's quota; the cache is told (``observe_prediction``: the
+``predictive`` policy keeps them) and asked to admit them (``prefetch``: it never evicts the
+access in flight, and per-layer quotas mean a prefetch of layer ``l+j`` never touches layer
+``l``); the reads run on the runtime's worker thread (:meth:`OffloadRuntime.prefetch_async`).
+A wrong guess costs a wasted read; the expert actually needed is then a miss, loaded on
+demand as without prefetch.
+
+Look-ahead ``h`` (``horizon="auto"``): the reads for one layer should finish while the layers
+before it compute, so ``h = ceil(read time of one layer's prefetches / compute time of one
+layer)``, both measured as the run goes (exponential averages of the worker's read time per
+expert times the experts issued per layer, and of the wall time between consecutive MoE
+layers minus the demand loads in it), clamped to ``[1, max_horizon]``; it starts at 1.
+
+Recall (reported in the runner's metrics): per token and layer, the fraction of the experts
+the router picked that the latest prediction for that layer had picked for that token (the
+per-token top-k, before the union), split by prefill / decode.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional, Union
+
+import torch
+
+from moekit.offload.predict import lookahead_topk
+
+__all__ = ["Prefetcher"]
+
+
+class Prefetcher:
+    """Attach look-ahead prefetch to the MoE layers ``moe_layers`` (in order; entry ``i`` is
+    store layer ``i``) of a model driven by ``runtime``. ``horizon``: an int, or ``"auto"``.
+    Remove with :meth:`remove`."""
+
+    def __init__(self, runtime, moe_layers: list, horizon: Union[int, str] = "auto", max_horizon: int = 4,
+                 ema: float = 0.2):
+        if horizon != "auto" and (not isinstance(horizon, int) or horizon < 1):
+            raise ValueError(f"horizon must be a positive int or 'auto', got {horizon!r}")
+        if max_horizon < 1:
+            raise ValueError(f"max_horizon must be >= 1, got {max_horizon}")
+        self.runtime, self.layers = runtime, list(moe_layers)
+        self.L = len(self.layers)
+        self.auto = horizon == "auto"
+        self.max_horizon = max(1, min(max_horizon, self.L - 1)) if self.L > 1 else 1
+        self.horizon = 1 if self.auto else min(int(horizon), max(self.L - 1, 1))
+        self.ema = float(ema)
+        self.paused = False
+        self._index = {id(m): i for i, m in enumerate(self.layers)}
+        self._pred_TK: list[Optional[torch.Tensor]] = [None] * self.L
+        self.recall_hits = {"prefill": 0, "decode": 0}
+        self.recall_total = {"prefill": 0, "decode": 0}
+        self.horizons: list[int] = []
+        # timing (auto horizon)
+        self._t_layer: Optional[float] = None      # EMA seconds of compute per MoE layer
+        self._t_read: Optional[float] = None       # EMA seconds of one background read
+        self._issued_per_layer: Optional[float] = None
+        self._last: Optional[tuple[int, float, float]] = None  # (layer, time, demand load seconds then)
+        self._reads_seen = (0, 0.0)
+        self._handles = []
+        for m in self.layers:
+            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.add_routing_observer(self._observe))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h() if callable(h) and not hasattr(h, "remove") else h.remove()
+        self._handles = []
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _pre(self, module, args):
+        if self.paused:
+            return
+        l = self._index[id(module)]
+        rt = self.runtime
+        self._time(l)
+        targets = list(range(l + 1, min(l + self.horizon, self.L - 1) + 1))
+        if not targets:
+            return
+        hidden = args[0]
+        x_TD = hidden.reshape(-1, hidden.shape[-1])
+        preds = self._predict(x_TD, targets)
+        issued = 0
+        for t, ids_TK in zip(targets, preds):
+            self._pred_TK[t] = ids_TK
+            ranked = self._rank(ids_TK, self.layers[t].config.num_experts)[: rt.cache.quotas[t]]
+            rt.cache.observe_prediction(t, ranked)
+            issued += len(rt.prefetch_async(t, ranked))
+        if targets:
+            n = issued / len(targets) if issued else 0.0
+            self._issued_per_layer = n if self._issued_per_layer is None else \
+                (1 - self.ema) * self._issued_per_layer + self.ema * n
+
+    def _predict(self, x_TD: torch.Tensor, targets: list[int]) -> list[torch.Tensor]:
+        """[T, K] per target layer. Softmax routers: lookahead_topk on the router weights (and
+        linear bias); sigmoid / group-limited routers: the router's own selection."""
+        out: list[Optional[torch.Tensor]] = [None] * len(targets)
+        plain = []
+        for i, t in enumerate(targets):
+            r, c = self.layers[t].router, self.layers[t].config
+            if c.router == "sigmoid" or getattr(c, "n_group", None) or r.e_score_correction_bias is not None:
+                out[i] = r(x_TD.to(r.weight.dtype)).topk_ids_TK
+            else:
+                plain.append(i)
+        if plain:
+            k = self.layers[targets[plain[0]]].config.top_k
+            ws = [self.layers[targets[i]].router.weight for i in plain]
+            bs = [self.layers[targets[i]].router.bias for i in plain]
+            for i, ids in zip(plain, lookahead_topk(x_TD, ws, k, bs)):
+                out[i] = ids
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _rank(ids_TK: torch.Tensor, num_experts: int) -> list[int]:
+        flat = ids_TK.reshape(-1).tolist()  # token-major, each token's top-k best first
+        count, first = {}, {}
+        for i, e in enumerate(flat):
+            if e >= 0:
+                count[e] = count.get(e, 0) + 1
+                first.setdefault(e, i)
+        return sorted(count, key=lambda e: (-count[e], first[e]))
+
+    def _observe(self, module, routing) -> None:
+        if self.paused:
+            return
+        l = self._index[id(module)]
+        pred = self._pred_TK[l]
+        self._pred_TK[l] = None
+        if pred is None:
+            return
+        used = routing.topk_ids_TK
+        if pred.shape[0] != used.shape[0]:
+            return
+        valid = used >= 0
+        hit = (used.unsqueeze(-1) == pred.to(used.device).unsqueeze(1)).any(-1) & valid
+        phase = self.runtime.cache.phase
+        self.recall_hits[phase] += int(hit.sum())
+        self.recall_total[phase] += int(valid.sum())
+
+    # ---- look-ahead from measured times --------------------------------------------------------
+    def _time(self, l: int) -> None:
+        now = time.perf_counter()
+        st = self.runtime.stats
+        if self._last is not None and self._last[0] == l - 1:
+            dt = now - self._last[1] - (st.load_seconds - self._last[2])
+            if dt > 0:
+                self._t_layer = dt if self._t_layer is None else (1 - self.ema) * self._t_layer + self.ema * dt
+        self._last = (l, now, st.load_seconds)
+        n0, s0 = self._reads_seen
+        n, s = st.prefetch_loads, st.prefetch_read_seconds
+        done = n - len(self.runtime.pending)
+        if done > n0 and s > s0:
+            per = (s - s0) / (done - n0)
+            self._t_read = per if self._t_read is None else (1 - self.ema) * self._t_read + self.ema * per
+            self._reads_seen = (done, s)
+        if l == 0 and self.auto:
+            self.horizon = self.choose_horizon()
+            self.horizons.append(self.horizon)
+
+    def choose_horizon(self) -> int:
+        """``ceil(read seconds per layer / compute seconds per layer)`` in ``[1, max_horizon]``."""
+        if not self.auto:
+            return self.horizon
+        if self._t_layer is None or self._t_read is None or not self._issued_per_layer:
+            return self.horizon
+        need = self._t_read * self._issued_per_layer / max(self._t_layer, 1e-9)
+        return int(min(max(math.ceil(need), 1), self.max_horizon))
+
+    # ---- report ------------------------------------------------------------------------------
+    def recall(self, phase: Optional[str] = None) -> Optional[float]:
+        phases = ("prefill", "decode") if phase is None else (phase,)
+        tot = sum(self.recall_total[p] for p in phases)
+        return sum(self.recall_hits[p] for p in phases) / tot if tot else None
+
+    def counters(self) -> dict:
+        return {"recall_hits_prefill": self.recall_hits["prefill"], "recall_total_prefill": self.recall_total["prefill"],
+                "recall_hits_decode": self.recall_hits["decode"], "recall_total_decode": self.recall_total["decode"]}
