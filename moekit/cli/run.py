@@ -65,6 +65,18 @@ def add_parser(subparsers, name: str = "run", help_text: str = "generate with an
     p.add_argument("--no-verify", action="store_true",
                    help="skip the crc32 check of each expert blob read from disk (faster; corruption then "
                         "goes unnoticed)")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="predict the next layers' experts (their routers on the current hidden state) and read "
+                        "them on a background thread while this layer computes (default: on)")
+    p.add_argument("--horizon", default="auto", metavar="H",
+                   help="prefetch look-ahead in MoE layers, or 'auto': from the measured read and compute times "
+                        "(default: auto)")
+    p.add_argument("--miss-model", choices=["off", "auto"], default="off",
+                   help="with --device cuda --tier ram: per miss, copy the expert to the GPU or compute it on the "
+                        "CPU where it lives, whichever a calibrated cost model says is cheaper (default: off)")
+    p.add_argument("--no-predict", action="store_true",
+                   help="skip the calibration probes (a few expert reads and timed forwards) behind the "
+                        "throughput model's predicted tokens/s")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: generated_ids (the new tokens), the metrics, the budget used")
     p.add_argument("--quiet", action="store_true",
@@ -117,6 +129,16 @@ def run(args) -> int:
             return _err(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
         if not ids or min(ids) < 0:
             return _err(f"--prompt-ids must be non-negative token ids, got {args.prompt_ids!r}")
+    horizon = args.horizon.strip().lower()
+    if horizon != "auto":
+        try:
+            horizon = int(horizon)
+            if horizon < 1:
+                raise ValueError
+        except ValueError:
+            return _err(f"--horizon must be a positive integer or 'auto', got {args.horizon!r}")
+    if args.miss_model != "off" and (args.device != "cuda" or args.tier != "ram"):
+        return _err("--miss-model needs --device cuda --tier ram (on a CPU-only machine both tiers are host memory)")
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -148,7 +170,10 @@ def run(args) -> int:
     try:
         om = load_offloaded(model_dir, budget, store_dir=args.store, policy=args.policy, device=args.device,
                             tier=args.tier, page_cache=args.page_cache, verify=not args.no_verify,
-                            progress=progress)
+                            progress=progress, prefetch=args.prefetch, horizon=horizon,
+                            miss_model=None if args.miss_model == "off" else args.miss_model)
+        if not args.no_predict and om.rates is None:
+            om.calibrate()
     except StoreError as exc:
         return _err(str(exc))
     except ValueError as exc:
@@ -179,6 +204,15 @@ def run(args) -> int:
     print(f"tokens/s {_num(m['tokens_per_s'])} (decode {_num(m['decode_tokens_per_s'])}, "
           f"I/O bound {_num(m['io_bound_decode_tokens_per_s'])}), {m['new_tokens']} new tokens in {m['seconds']:.2f} s "
           f"(prefill {m['prefill_seconds']:.2f} s, {m['prompt_tokens']} prompt tokens)")
+    if m.get("predicted_decode_tokens_per_s") is not None:
+        print(f"throughput model: predicted decode tokens/s {_num(m['predicted_decode_tokens_per_s'])} "
+              f"(measured {_num(m['decode_tokens_per_s'])}), {m['predicted_bound']}-bound (I/O bound "
+              f"{_num(m['predicted_io_bound_tokens_per_s'])}, compute bound "
+              f"{_num(m['predicted_compute_bound_tokens_per_s'])})")
+    if m.get("prefetch"):
+        print(f"prefetch: look-ahead {m['prefetch_horizon']} layers, prediction recall "
+              f"{_pct(m['prediction_recall'])} (decode {_pct(m['prediction_recall_decode'])}), "
+              f"{m['prefetched']} experts read ahead, {m['prefetch_hits']} used, {m['prefetch_dropped']} dropped")
     print(f"hit rate {_pct(m['hit_rate'])} (prefill {_pct(m['hit_rate_prefill'])}, decode {_pct(m['hit_rate_decode'])}), "
           f"policy {m['policy']}")
     print(f"read {_size(m['bytes_read'])} from the store ({m['page_cache']}): {_size(m['bytes_read_per_token'])} per "

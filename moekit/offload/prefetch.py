@@ -22,6 +22,11 @@ layers minus the demand loads in it), clamped to ``[1, max_horizon]``; it starts
 Recall (reported in the runner's metrics): per token and layer, the fraction of the experts
 the router picked that the latest prediction for that layer had picked for that token (the
 per-token top-k, before the union), split by prefill / decode.
+
+Gate (``gated=True``): a guess that needs an eviction is read only while guesses are likelier
+to be used than the resident expert they would evict (see :meth:`Prefetcher._gate`); without it
+a small cache over repetitive routing loses hits to wrong guesses and the link carries the
+wasted reads.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ class Prefetcher:
     Remove with :meth:`remove`."""
 
     def __init__(self, runtime, moe_layers: list, horizon: Union[int, str] = "auto", max_horizon: int = 4,
-                 ema: float = 0.2):
+                 ema: float = 0.2, gated: bool = True):
         if horizon != "auto" and (not isinstance(horizon, int) or horizon < 1):
             raise ValueError(f"horizon must be a positive int or 'auto', got {horizon!r}")
         if max_horizon < 1:
@@ -54,6 +59,11 @@ class Prefetcher:
         self.horizon = 1 if self.auto else min(int(horizon), max(self.L - 1, 1))
         self.ema = float(ema)
         self.paused = False
+        self.gated = bool(gated)
+        self._issued: list[set[int]] = [set() for _ in range(self.L)]
+        self._n_issued = self._used_issued = 0
+        self._layer_hits = [0] * self.L
+        self._layer_requests = [0] * self.L
         self._index = {id(m): i for i, m in enumerate(self.layers)}
         self._pred_TK: list[Optional[torch.Tensor]] = [None] * self.L
         self.recall_hits = {"prefill": 0, "decode": 0}
@@ -90,15 +100,54 @@ class Prefetcher:
         x_TD = hidden.reshape(-1, hidden.shape[-1])
         preds = self._predict(x_TD, targets)
         issued = 0
+        cache = rt.cache
         for t, ids_TK in zip(targets, preds):
             self._pred_TK[t] = ids_TK
-            ranked = self._rank(ids_TK, self.layers[t].config.num_experts)[: rt.cache.quotas[t]]
-            rt.cache.observe_prediction(t, ranked)
-            issued += len(rt.prefetch_async(t, ranked))
+            ranked = self._rank(ids_TK, self.layers[t].config.num_experts)[: cache.quotas[t]]
+            cache.observe_prediction(t, ranked)
+            ranked = self._gate(t, ranked)
+            got = rt.prefetch_async(t, ranked) if ranked else []
+            self._issued[t] |= set(got)
+            issued += len(got)
         if targets:
             n = issued / len(targets) if issued else 0.0
             self._issued_per_layer = n if self._issued_per_layer is None else \
                 (1 - self.ema) * self._issued_per_layer + self.ema * n
+
+    def _gate(self, t: int, ranked: list[int]) -> list[int]:
+        """The guesses worth reading now: all of them into free slots; one that needs an eviction
+        only while a guess is likelier to be used than the expert it would evict. Likelihoods
+        are measured: a guess, by the fraction of earlier prefetches of non-resident experts
+        that their access used (``precision``); a resident, by the layer's hits per access over
+        its slots (hit rate x K / quota: a resident expert's chance of being used). When the
+        cache already serves nearly every request from what it keeps (small budgets, repetitive
+        routing), prefetching would only evict useful experts and load the link; it stops."""
+        cache = self.runtime.cache
+        res = cache.resident(t)
+        new = [e for e in ranked if e not in res]
+        if not new:
+            return ranked
+        free = cache.quotas[t] - len(res)
+        if len(new) <= free or not self.gated:
+            return ranked
+        k = self.layers[t].config.top_k
+        h = self._layer_hits[t] / self._layer_requests[t] if self._layer_requests[t] else 0.0
+        p_resident = h * k / cache.quotas[t]
+        p_guess = self.precision()
+        if p_guess > p_resident:
+            return ranked
+        keep, n_free = [], free
+        for e in ranked:  # the resident ones (no read) and as many new ones as there are free slots
+            if e in res:
+                keep.append(e)
+            elif n_free > 0:
+                keep.append(e)
+                n_free -= 1
+        return keep
+
+    def precision(self) -> float:
+        """Measured fraction of issued prefetches used by their layer's next access (prior 0.5)."""
+        return (self._used_issued + 1.0) / (self._n_issued + 2.0)
 
     def _predict(self, x_TD: torch.Tensor, targets: list[int]) -> list[torch.Tensor]:
         """[T, K] per target layer. Softmax routers: lookahead_topk on the router weights (and
@@ -133,6 +182,14 @@ class Prefetcher:
         if self.paused:
             return
         l = self._index[id(module)]
+        used_set = set(routing.topk_ids_TK.reshape(-1).tolist()) - {-1}
+        if self._issued[l]:
+            self._n_issued += len(self._issued[l])
+            self._used_issued += len(self._issued[l] & used_set)
+            self._issued[l] = set()
+        res = self.runtime.cache.resident(l)  # before this access: what the cache kept
+        self._layer_hits[l] += len(used_set & res)
+        self._layer_requests[l] += len(used_set)
         pred = self._pred_TK[l]
         self._pred_TK[l] = None
         if pred is None:

@@ -19,8 +19,9 @@ experts read ahead per step on the background thread)::
     t_step     = max(t_compute + t_read(demand),                compute and demand reads are serial
                      t_read(demand) + t_read(prefetch_reads))   the link carries every read once
 
-Without prefetch ``t_step = t_compute + t_read(demand)``. The bound is ``"io"`` when the
-reads (demand + prefetch) take longer than the compute, else ``"compute"``; the I/O bound
+Without prefetch ``t_step = t_compute + t_read(demand)``. The bound is ``"io"`` when the link
+sets the pace (the prefetch reads take at least the compute they hide under) or the demand
+reads take longer than the compute on the critical path, else ``"compute"``; the I/O bound
 (tokens/s if reading were all the work) is ``B / t_read(demand + prefetch)`` and the compute
 bound ``B / t_compute``.
 """
@@ -135,7 +136,7 @@ def predict_decode(shape: ModelShape, rates: Rates, *, hit_rate: float, batch: i
     t_io = t_demand + t_pref
     return Prediction(
         tokens_per_s=batch / t_step,
-        bound="io" if t_io > t_compute else "compute",
+        bound="io" if (t_pref >= t_compute or t_demand > t_compute) else "compute",
         io_bound_tokens_per_s=batch / t_io if t_io > 0 else math.inf,
         compute_bound_tokens_per_s=batch / t_compute,
         step_seconds=t_step, compute_seconds=t_compute, demand_read_seconds=t_demand,
