@@ -208,7 +208,7 @@ def _median_time(fn, repeat: int) -> float:
     return statistics.median(ts)
 
 
-def calibrate(om, *, reads: int = 8, repeat: int = 5, context: int = 16, batch: int = 1) -> Rates:
+def calibrate(om, *, reads: int = 16, repeat: int = 7, context: int = 16, batch: int = 1) -> Rates:
     """Measure the rates of ``om`` (an :class:`~moekit.offload.runner.OffloadedModel`) with
     probes that do not touch its cache or counters:
 
@@ -216,7 +216,9 @@ def calibrate(om, *, reads: int = 8, repeat: int = 5, context: int = 16, batch: 
       layers (the slowest expert sizes included); bandwidth = bytes / seconds of the reads,
       the latency term from one small and one large read is left at 0 (one expert size per
       model): the bandwidth then includes per-read overheads, which is what a miss costs.
-    - one expert's MLP on 1 and 2 rows (median of ``repeat``), on the compute device;
+    - one expert's MLP on 1 and 2 rows (median), on the compute device, cycling through the
+      experts just read so the weights come from memory as in a decode step, not from a warm
+      CPU cache (a 1-row MLP is memory-bound: timing one warm expert underestimates it ~several x);
     - the dense part: a 1-token forward at ``context`` tokens of KV cache, with the experts
       returning zeros (``runtime.dry``), median of ``repeat``; prefetch hooks are paused.
     """
@@ -230,6 +232,7 @@ def calibrate(om, *, reads: int = 8, repeat: int = 5, context: int = 16, batch: 
     # reads: experts nobody holds, in this store's page-cache mode
     seen, t_read, nbytes = 0, 0.0, 0
     w = None
+    held = []
     for i in range(reads):
         layer, e = i % L, (i * 7 + 3) % E
         t0 = time.perf_counter()
@@ -238,6 +241,7 @@ def calibrate(om, *, reads: int = 8, repeat: int = 5, context: int = 16, batch: 
             torch.cuda.synchronize(rt.device)
         t_read += time.perf_counter() - t0
         nbytes += ExpertWeights.nbytes(w)
+        held.append(w)
         seen += 1
     # the store's counters are the run's: take these reads back out
     if hasattr(store, "_lock"):
@@ -251,12 +255,21 @@ def calibrate(om, *, reads: int = 8, repeat: int = 5, context: int = 16, batch: 
     x1 = torch.randn(1, D, dtype=dtype, device=w[0].device)
     x2 = torch.randn(2, D, dtype=dtype, device=w[0].device)
     sync = (lambda: torch.cuda.synchronize(rt.device)) if rt.device.type == "cuda" else (lambda: None)
+    # a decode step's expert MLP is memory-bound on weights that are not in the CPU's caches:
+    # time it cycling through the experts just read (each used once per round), not one warm one
+    turn = [0]
+
+    def mlp(x):
+        turn[0] += 1
+        _expert_mlp(x, held[turn[0] % len(held)], rt.activation)
+        sync()
+
     with torch.no_grad():
         for _ in range(2):
-            _expert_mlp(x1, w, rt.activation)
-        t1 = _median_time(lambda: (_expert_mlp(x1, w, rt.activation), sync()), repeat * 4)
-        t2 = _median_time(lambda: (_expert_mlp(x2, w, rt.activation), sync()), repeat * 4)
-    del w
+            mlp(x1)
+        t1 = _median_time(lambda: mlp(x1), max(repeat * 4, 2 * len(held)))
+        t2 = _median_time(lambda: mlp(x2), max(repeat * 4, 2 * len(held)))
+    del w, held
     # dense part: experts dry, prefetch paused, one decode step after `context` tokens
     model = om.model
     vocab = int(getattr(model.config, "vocab_size", 2))
