@@ -20,7 +20,7 @@ from moekit.cli.demo import OUT_FILES, flag_hint
 # the smallest demo: about a second of training
 TINY = ["--steps", "2", "--layers", "1", "--experts", "4", "--d-model", "16", "--ffn", "16", "--heads", "2",
         "--batch-size", "2", "--seq-len", "16", "--corpus-mb", "0.05", "--trace-batches", "1",
-        "--sample-bytes", "0", "--plan-gpus", "0", "--ep-ranks", "0"]
+        "--sample-bytes", "0", "--plan-gpus", "0", "--ep-ranks", "0", "--offload-budget", "0"]
 
 
 def _refused(capsys, *argv: str) -> str:
@@ -114,6 +114,10 @@ def test_good_out_dir_is_made_and_written(tmp_path, capsys):
     (["--ep-ranks", "2", "--ep-slots-per-rank", "5"], "--ep-slots-per-rank 5 exceeds --experts 4"),
     (["--ep-ranks", "2", "--ep-slots-per-rank", "1"],
      "--ep-slots-per-rank 1 x --ep-ranks 2 = 2 slots is fewer than --experts 4"),
+    (["--offload-budget", "lots"], "--offload-budget: cannot read a byte size from 'lots'"),
+    (["--offload-budget", "1KiB"], "--offload-budget 1KiB (1024 bytes) is below one token's working set: 6144 bytes"),
+    (["--offload-budget", "1MiB"], "holds every expert (12288 bytes: --layers 1 x --experts 4 x 3072 bytes)"),
+    (["--offload-budget", "auto", "--offload-tokens", "0"], "--offload-tokens must be >= 1, got 0"),
 ])
 def test_flag_errors_name_flags(argv, message, tmp_path, capsys):
     err = _refused(capsys, *TINY, *argv, "--out-dir", str(tmp_path / "out"))

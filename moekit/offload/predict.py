@@ -10,6 +10,13 @@ Legend: L MoE layers, E experts, K top-k, D model dim, T tokens.
   and of expert i -> j in the same layer on the next token, plus per-layer frequency.
   Chained, the cross-layer counts predict a whole path; :meth:`PathPredictor.recall` scores
   a held-out split.
+* :class:`WholePathPredictor`: learned from recorded traces (ExpertFlow's whole-path predictor,
+  from routes: the traces carry no token ids, but a token's early-layer experts identify it
+  nearly as well). It keeps the recorded paths (every layer's experts of every token) and
+  predicts the rest of the path of the token in flight from the recorded tokens whose paths
+  match its known layers (weighted votes, similarity sharpened by a power), and the next
+  token's experts from the successors of the recorded tokens that match the current one. It
+  learns online from each finished token; it never sees a token before that token is routed.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["lookahead_topk", "PathPredictor"]
+__all__ = ["lookahead_topk", "PathPredictor", "WholePathPredictor"]
 
 
 def lookahead_topk(hidden_TD, router_weights_ED: Sequence, top_k: int,
@@ -151,4 +158,129 @@ class PathPredictor:
                     pred = self.predict(l, prev_l, prev_t)
                 hit += len(used & set(pred))
                 tot += len(used)
+        return hit / tot if tot else 0.0
+
+
+class WholePathPredictor:
+    """Predicts a token's experts in every layer from the recorded paths it matches.
+
+    Memory: ``[T, L, E]`` one-hot paths of recorded tokens (:meth:`fit` on a trace, then one
+    per finished token, :meth:`end_token`). For the token in flight (its experts observed layer
+    by layer, :meth:`observe`), the similarity to a recorded token ``s`` is
+    ``sum_{j in [l-window, l)} decay^(l-1-j) * |experts_t[j] & experts_s[j]|``, and the score of
+    expert ``e`` in layer ``l`` is ``sum_s sim_s^power * [e in experts_s[l]] / sum_s sim_s^power``,
+    an estimate of the probability that the token uses ``e`` there (0..1; sums to about K).
+    Layer 0 (nothing known yet) and the next token (:meth:`scores_next`) vote with the
+    successors ``s + 1`` of the recorded tokens that match the current (or last finished) token.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, window: int = 8, decay: float = 0.8,
+                 power: float = 6.0):
+        if num_layers <= 0 or num_experts <= 0 or not 0 < top_k <= num_experts:
+            raise ValueError(f"need num_layers > 0 and 0 < top_k <= num_experts, got L={num_layers}, "
+                             f"E={num_experts}, K={top_k}")
+        if window < 1 or not 0 < decay <= 1 or power <= 0:
+            raise ValueError(f"need window >= 1, 0 < decay <= 1, power > 0; got {window}, {decay}, {power}")
+        self.L, self.E, self.K = num_layers, num_experts, top_k
+        self.window, self.decay, self.power = int(window), float(decay), float(power)
+        self._paths_TLE = np.zeros((64, num_layers, num_experts), dtype=np.float32)
+        self._succ_T = np.zeros(64, dtype=bool)      # token t+1 is recorded right after t (same sequence)
+        self.n = 0                                    # recorded tokens
+        self.cur_LE = np.zeros((num_layers, num_experts), dtype=np.float32)
+        self.last_LE: Optional[np.ndarray] = None    # the previous finished token's path (this sequence)
+
+    # --- learning ---------------------------------------------------------------------
+    def _append(self, path_LE: np.ndarray, follows: bool) -> None:
+        if self.n == len(self._paths_TLE):
+            self._paths_TLE = np.concatenate([self._paths_TLE, np.zeros_like(self._paths_TLE)])
+            self._succ_T = np.concatenate([self._succ_T, np.zeros_like(self._succ_T)])
+        if follows and self.n:
+            self._succ_T[self.n - 1] = True
+        self._paths_TLE[self.n] = path_LE
+        self.n += 1
+
+    def fit(self, ids_LTK: np.ndarray) -> "WholePathPredictor":
+        """Record the paths of ``[L, T, K]`` routes (one sequence, tokens in order; ``-1`` ignored)."""
+        ids_LTK = np.asarray(ids_LTK)
+        if ids_LTK.ndim != 3 or ids_LTK.shape[0] != self.L:
+            raise ValueError(f"ids_LTK must be [L={self.L}, T, K], got {ids_LTK.shape}")
+        for t in range(ids_LTK.shape[1]):
+            path = np.zeros((self.L, self.E), dtype=np.float32)
+            for l in range(self.L):
+                ex = ids_LTK[l, t]
+                path[l, ex[ex >= 0]] = 1.0
+            self._append(path, follows=t > 0)
+        return self
+
+    def observe(self, layer: int, experts: Sequence[int]) -> None:
+        """The token in flight used ``experts`` in ``layer`` (call layer by layer)."""
+        self.cur_LE[layer] = 0.0
+        self.cur_LE[layer, list(experts)] = 1.0
+
+    def end_token(self) -> None:
+        """The token in flight is finished: record its path (online learning) and start the next."""
+        self._append(self.cur_LE.copy(), follows=self.last_LE is not None)
+        self.last_LE = self._paths_TLE[self.n - 1]
+        self.cur_LE[:] = 0.0
+
+    def new_sequence(self) -> None:
+        """The next token starts another sequence (no successor link to the last one)."""
+        self.last_LE = None
+        self.cur_LE[:] = 0.0
+
+    # --- scores -------------------------------------------------------------------------
+    def _vote(self, sim_T: np.ndarray, rows_TE: np.ndarray) -> np.ndarray:
+        w = np.power(sim_T.astype(np.float64), self.power)
+        tot = w.sum()
+        if tot <= 0:
+            f = rows_TE.sum(axis=0, dtype=np.float64)
+            return f / max(len(rows_TE), 1)
+        return (w @ rows_TE) / tot
+
+    def scores(self, layer: int) -> np.ndarray:
+        """``[E]`` probability estimates for the token in flight's experts in ``layer``, from its
+        observed layers ``layer-window .. layer-1`` (layer 0: from the previous token)."""
+        if self.n == 0:
+            return np.zeros(self.E)
+        if layer == 0:
+            return self.scores_next(0)
+        lo = max(0, layer - self.window)
+        w_J = self.decay ** np.arange(layer - lo, dtype=np.float64)[::-1]
+        past = self._paths_TLE[: self.n]
+        sim_T = np.einsum("tje,je,j->t", past[:, lo:layer], self.cur_LE[lo:layer], w_J.astype(np.float32))
+        return self._vote(sim_T, past[:, layer])
+
+    def scores_next(self, layer: int) -> np.ndarray:
+        """``[E]`` probability estimates for the *next* token's experts in ``layer``: successors of
+        the recorded tokens whose path matches the token in flight's observed layers (between
+        tokens: the last finished token's whole path)."""
+        idx = np.nonzero(self._succ_T[: self.n])[0]
+        ref_LE = self.cur_LE if self.cur_LE.any() else self.last_LE   # the token in flight, else the last
+        if ref_LE is None or idx.size == 0:
+            past = self._paths_TLE[: self.n, layer]
+            return past.mean(axis=0, dtype=np.float64) if self.n else np.zeros(self.E)
+        sim_T = np.einsum("tle,le->t", self._paths_TLE[idx], ref_LE) / self.L
+        return self._vote(sim_T, self._paths_TLE[idx + 1, layer])
+
+    def predict(self, layer: int, n: Optional[int] = None) -> list[int]:
+        s = self.scores(layer)
+        return [int(e) for e in np.argsort(-s, kind="stable")[: n or self.K]]
+
+    # --- evaluation ---------------------------------------------------------------------
+    def recall(self, ids_LTK: np.ndarray, online: bool = True) -> float:
+        """Mean top-k recall of the in-flight prediction (layer l from the layers before it) on
+        ``[L, T, K]`` routes, token by token; ``online``: each token is recorded after it is scored."""
+        hit = tot = 0
+        for t in range(ids_LTK.shape[1]):
+            for l in range(self.L):
+                used = {int(e) for e in ids_LTK[l, t] if e >= 0}
+                if used:
+                    hit += len(used & set(self.predict(l)))
+                    tot += len(used)
+                self.observe(l, sorted(used))
+            if online:
+                self.end_token()
+            else:
+                self.last_LE = self.cur_LE.copy()
+                self.cur_LE[:] = 0.0
         return hit / tot if tot else 0.0

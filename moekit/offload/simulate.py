@@ -127,18 +127,29 @@ def _result(policy: str, budget: int, stats: dict[str, PhaseStats], n_decode: in
 
 def simulate(trace: RoutingTrace, budget_bytes: int, policy: str = "predictive", *,
              expert_bytes: Optional[Sequence[int]] = None, profile: Optional[np.ndarray] = None,
-             predictor=None, streaming: bool = True, prefetch: int = 0) -> SimResult:
+             predictor=None, streaming: bool = True, prefetch: int = 0, prefetch_threshold: float = 0.0,
+             path_predictor=None, train: Optional[np.ndarray] = None) -> SimResult:
     """Replay ``trace`` through an :class:`ExpertCache` with per-layer quotas.
 
     ``profile``: ``[L, E]`` counts for ``static``/``lfu`` (default for ``static``: the trace's
-    own counts, i.e. a hindsight pin). ``predictor``: an object with ``predict_next(layer,
-    current_experts, prev_layer_experts) -> list[int]`` feeding ``predictive`` (default: a
-    :class:`~moekit.offload.predict.PathPredictor` learned online from the replay so far).
-    ``streaming``: allow budgets below one token's working set (extra experts streamed).
-    ``prefetch``: with ``predictive``, after each decode access prefetch this many predicted
-    experts of the next layer (their loads count in bytes per decode token).
+    own counts, i.e. a hindsight pin). ``streaming``: allow budgets below one token's working set
+    (extra experts streamed).
+
+    ``predictive`` only. Eviction: ``predictor`` (default: a
+    :class:`~moekit.offload.predict.PathPredictor` learned online from the replay so far) names
+    the experts the next token is expected to need in a layer, which the cache keeps.
+    Prefetch (``prefetch`` > 0): after each decode access of layer l, up to ``prefetch`` experts
+    of layer l+1 that ``path_predictor`` (default: a new
+    :class:`~moekit.offload.predict.WholePathPredictor`) predicts for the token in flight with an
+    estimated probability of at least ``prefetch_threshold`` are admitted ahead of use; their
+    reads count in ``bytes_per_decode_token`` (a wrong guess costs a read, and maybe a later
+    miss). The whole-path predictor records ``train`` (``[L, T, K]`` routes recorded elsewhere,
+    never this replay's decode tokens) first, the prompt's per-token paths once the prefill is
+    done, and each decode token once all its layers were routed: nothing of a token is known
+    before it is routed. A :class:`~moekit.offload.predict.PathPredictor` passed as
+    ``path_predictor`` prefetches its top ``prefetch`` from co-activation counts instead.
     """
-    from moekit.offload.predict import PathPredictor
+    from moekit.offload.predict import PathPredictor, WholePathPredictor
 
     eb = list(expert_bytes) if expert_bytes is not None else expert_bytes_of(trace)
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
@@ -147,18 +158,48 @@ def simulate(trace: RoutingTrace, budget_bytes: int, policy: str = "predictive",
         profile = _profile(acc, L, E)
     cache = ExpertCache(budget_bytes, eb, E, K, policy=policy, profile=profile,
                         future=_future(acc, L) if policy == "belady" else None, streaming=streaming)
-    if policy == "predictive" and predictor is None:
+    predictive = policy == "predictive"
+    if predictive and predictor is None:
         predictor = PathPredictor(L, E, K)
+    pf = path_predictor
+    if predictive and prefetch and pf is None:
+        pf = WholePathPredictor(L, E, K)
+    whole = isinstance(pf, WholePathPredictor) and predictive and prefetch > 0
+    if whole:
+        if train is not None:
+            pf.fit(train)
+            pf.new_sequence()
+        phase = np.asarray(trace.meta.get("phase") or [1] * trace.num_tokens[0])
+        prompt_LTK = np.stack(trace.topk_ids)[:, phase == 0]
     prev_layer: tuple = ()
+    prompt_done = False
     for a in acc:
         cache.set_phase(a.phase)
-        if policy == "predictive" and a.phase == "decode":
+        if predictive and a.phase == "decode":
+            if whole and not prompt_done:
+                if prompt_LTK.shape[1]:
+                    pf.fit(prompt_LTK)           # the prompt was routed: its per-token paths are known
+                    pf.last_LE = pf._paths_TLE[pf.n - 1]
+                prompt_done = True
             cache.observe_prediction(a.layer, predictor.predict_next(a.layer, a.experts, prev_layer))
         cache.access(a.layer, a.experts)
-        if policy == "predictive" and a.phase == "decode":
+        if predictive and a.phase == "decode":
             predictor.update(a.layer, a.experts, prev_layer)
-            if prefetch and a.layer + 1 < L:
-                guess = predictor.predict(a.layer + 1, a.experts, predictor.last[a.layer + 1], n=prefetch)
+            if pf is not None and not whole and pf is not predictor:
+                pf.update(a.layer, a.experts, prev_layer)
+            if whole:
+                pf.observe(a.layer, a.experts)
+                if a.layer + 1 < L:
+                    s = pf.scores(a.layer + 1)
+                    guess = [int(e) for e in np.argsort(-s, kind="stable")[:prefetch]
+                             if s[e] > 0 and s[e] >= prefetch_threshold]
+                    if guess:
+                        cache.prefetch(a.layer + 1, guess)
+                else:
+                    pf.end_token()
+            elif prefetch and a.layer + 1 < L:
+                src = pf if pf is not None else predictor
+                guess = src.predict(a.layer + 1, a.experts, src.last[a.layer + 1], n=prefetch)
                 cache.prefetch(a.layer + 1, guess)
         prev_layer = a.experts
     n_dec = len({a.token for a in acc if a.phase == "decode"})
@@ -250,13 +291,13 @@ def replay_global_belady(trace: RoutingTrace, budget_bytes: int,
 
 def format_table(results: list[SimResult], belady: Optional[dict] = None) -> str:
     """Text table; ``belady`` maps budget -> Belady decode hit rate for the gap column."""
-    head = f"{'policy':<14}{'budget MiB':>11}{'prefill hit':>12}{'decode hit':>11}{'MiB/dec tok':>12}{'gap to MIN':>11}"
+    head = f"{'policy':<18}{'budget MiB':>11}{'prefill hit':>12}{'decode hit':>11}{'MiB/dec tok':>12}{'gap to MIN':>11}"
     lines = [head, "-" * len(head)]
     for r in results:
         gap = ""
         if belady and r.budget_bytes in belady:
             gap = f"{100 * (belady[r.budget_bytes] - r.hit_rate_decode):.1f} pt"
-        lines.append(f"{r.policy:<14}{r.budget_bytes / MiB:>11.0f}{100 * r.hit_rate_prefill:>11.1f}%"
+        lines.append(f"{r.policy:<18}{r.budget_bytes / MiB:>11.0f}{100 * r.hit_rate_prefill:>11.1f}%"
                      f"{100 * r.hit_rate_decode:>10.1f}%{r.bytes_per_decode_token / MiB:>12.1f}{gap:>11}")
     return "\n".join(lines)
 

@@ -59,7 +59,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 __all__ = ["StoreError", "StoreMismatchError", "StoreIndex", "LayerEntry", "DiskStore", "RamStore",
-           "convert_checkpoint", "open_store", "ensure_store", "config_hash", "default_store_dir",
+           "convert_checkpoint", "write_store", "open_store", "ensure_store", "config_hash", "default_store_dir",
            "PAGE_CACHE_MODES", "INDEX_NAME"]
 
 FORMAT = "moekit-expert-store"
@@ -356,6 +356,73 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
+def _write_layer(store_dir: Path, l: int, name: str, dec: int, cfg, dtype: torch.dtype, get_expert,
+                 where: str, bar) -> "LayerEntry":
+    """Write ``layer_{l}.bin``: expert e's ``get_expert(e) -> (w_in [H, D], w_out [D, F])`` blobs,
+    shapes and dtype checked against ``cfg`` (a MoEConfig); returns the layer's index entry."""
+    Fh, D, E = cfg.ffn_hidden_size, cfg.hidden_size, cfg.num_experts
+    H = 2 * Fh if cfg.is_glu else Fh
+    blob = (H * D + D * Fh) * dtype.itemsize
+    stride = _align(blob)
+    fname = f"layer_{l:03d}.bin"
+    offsets, crcs = [], []
+    with open(store_dir / fname, "wb") as f:
+        for e in range(E):
+            w_in, w_out = get_expert(e)
+            for t, shape, what in ((w_in, (H, D), "w_in (gate rows, then up rows)"),
+                                   (w_out, (D, Fh), "w_out (down)")):
+                if tuple(t.shape) != shape or t.dtype != dtype:
+                    raise StoreError(f"{where}: {name} expert {e} {what} has shape {tuple(t.shape)} {t.dtype}, "
+                                     f"expected {shape} {dtype}")
+            a, b = _as_bytes(w_in), _as_bytes(w_out)
+            offsets.append(e * stride)
+            crcs.append(zlib.crc32(b, zlib.crc32(a)))
+            f.write(a)
+            f.write(b)
+            f.write(bytes(stride - blob))
+            bar.update(1)
+    return LayerEntry(layer=l, module=name, decoder_layer=dec, file=fname, num_experts=E, w_in_shape=(H, D),
+                      w_out_shape=(D, Fh), blob_bytes=blob, offsets=tuple(offsets), crc32=tuple(crcs))
+
+
+def _write_index(store_dir: Path, index: "StoreIndex") -> None:
+    tmp = store_dir / (INDEX_NAME + ".tmp")
+    tmp.write_text(index.to_json())
+    os.replace(tmp, store_dir / INDEX_NAME)
+
+
+def write_store(store_dir: str | os.PathLike, layers: Sequence, *, config_hash: str, source: str = "",
+                model_type: str = "", progress: bool = False) -> "StoreIndex":
+    """Write the store of an in-memory model that is no Hugging Face class (the demo's byte LM):
+    ``layers`` is ``[(module name, decoder layer, MoELayer)]`` in MoE-layer order, each with
+    in-memory :class:`~moekit.experts.GroupedExperts`; ``config_hash`` identifies the model (a
+    :class:`DiskStore` opened with ``expect_config_hash`` refuses another). Same layout and
+    checks as :func:`convert_checkpoint`."""
+    from tqdm import tqdm
+
+    store_dir = Path(store_dir)
+    if not layers:
+        raise ValueError("write_store needs at least one MoE layer")
+    dtype = layers[0][2].experts.w_in.dtype
+    store_dir.mkdir(parents=True, exist_ok=True)
+    if (store_dir / INDEX_NAME).exists():
+        (store_dir / INDEX_NAME).unlink()
+    entries = []
+    total = sum(layer.config.num_experts for _, _, layer in layers)
+    with torch.no_grad(), tqdm(total=total, desc="expert store", unit="expert", file=sys.stderr,
+                               disable=not progress) as bar:
+        for l, (name, dec, layer) in enumerate(layers):
+            ex = layer.experts
+            entries.append(_write_layer(store_dir, l, name, int(dec), layer.config, dtype,
+                                        lambda e, ex=ex: (ex.w_in[e].detach().cpu(), ex.w_out[e].detach().cpu()),
+                                        f"model {source or '?'}", bar))
+    cfg0 = layers[0][2].config
+    index = StoreIndex(config_hash=config_hash, dtype=str(dtype).removeprefix("torch."), activation=cfg0.activation,
+                       top_k=cfg0.top_k, layers=tuple(entries), model_type=model_type, source=source)
+    _write_index(store_dir, index)
+    return index
+
+
 def convert_checkpoint(model_dir: str | os.PathLike, store_dir: str | os.PathLike, *,
                        progress: Optional[bool] = None) -> StoreIndex:
     """Write the per-expert store of the HF checkpoint in ``model_dir`` (config.json +
@@ -383,37 +450,14 @@ def convert_checkpoint(model_dir: str | os.PathLike, store_dir: str | os.PathLik
     entries = []
     with tqdm(total=total, desc="expert store", unit="expert", file=sys.stderr, disable=not progress) as bar:
         for l, ((name, dec, cfg, _), plan) in enumerate(zip(layers, plans)):
-            Fh, D, E = cfg.ffn_hidden_size, cfg.hidden_size, cfg.num_experts
-            H = 2 * Fh if cfg.is_glu else Fh
-            blob = (H * D + D * Fh) * dtype.itemsize
-            stride = _align(blob)
-            fname = f"layer_{l:03d}.bin"
-            offsets, crcs = [], []
-            with open(store_dir / fname, "wb") as f:
-                for e in range(E):
-                    w_in, w_out = _read_expert(ckpt, plan, e)
-                    for t, shape, what in ((w_in, (H, D), "w_in (gate rows, then up rows)"),
-                                           (w_out, (D, Fh), "w_out (down)")):
-                        if tuple(t.shape) != shape or t.dtype != dtype:
-                            raise StoreError(f"checkpoint {ckpt.files[0].parent}: {name} expert {e} {what} has "
-                                             f"shape {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-                    a, b = _as_bytes(w_in), _as_bytes(w_out)
-                    offsets.append(e * stride)
-                    crcs.append(zlib.crc32(b, zlib.crc32(a)))
-                    f.write(a)
-                    f.write(b)
-                    f.write(bytes(stride - blob))
-                    bar.update(1)
-            entries.append(LayerEntry(layer=l, module=name, decoder_layer=dec, file=fname, num_experts=E,
-                                      w_in_shape=(H, D), w_out_shape=(D, Fh), blob_bytes=blob,
-                                      offsets=tuple(offsets), crc32=tuple(crcs)))
+            entries.append(_write_layer(store_dir, l, name, dec, cfg, dtype,
+                                        lambda e, plan=plan: _read_expert(ckpt, plan, e),
+                                        f"checkpoint {ckpt.files[0].parent}", bar))
     cfg0 = layers[0][2]
     index = StoreIndex(config_hash=chash, dtype=str(dtype).removeprefix("torch."), activation=cfg0.activation,
                        top_k=cfg0.top_k, layers=tuple(entries), model_type=str(getattr(hf_config, "model_type", "")),
                        source=str(model_dir.resolve()))
-    tmp = store_dir / (INDEX_NAME + ".tmp")
-    tmp.write_text(index.to_json())
-    os.replace(tmp, store_dir / INDEX_NAME)
+    _write_index(store_dir, index)
     return index
 
 

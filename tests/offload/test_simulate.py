@@ -91,3 +91,17 @@ def test_help_explains_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--trace", "--budget", "--policy", "--expert-bytes", "--json"):
         assert flag in out
+
+
+@pytest.mark.skipif(not (TRACES / "qwen.route.csv").exists(), reason="../shared/traces is absent")
+def test_whole_path_prefetch_closes_half_the_gap_at_2000mib_without_reading_more_than_lru():
+    qwen = load_trace(TRACES / "qwen.route.csv")
+    b = 2000 * MiB
+    lru = simulate(qwen, b, "lru")
+    wp = simulate(qwen, b, "predictive", prefetch=6, prefetch_threshold=0.7)
+    print(f"qwen 2000 MiB: predictive + whole-path prefetch {wp.hit_rate_decode:.3f} at "
+          f"{wp.bytes_per_decode_token / MiB:.1f} MiB/token; per-layer LRU {lru.hit_rate_decode:.3f} at "
+          f"{lru.bytes_per_decode_token / MiB:.1f}")
+    assert wp.hit_rate_decode >= 0.68                       # the half-gap line at 2000 MiB
+    assert wp.bytes_per_decode_token <= lru.bytes_per_decode_token
+    assert wp.prefetch_bytes_per_decode_token > 0
