@@ -47,3 +47,24 @@ def test_bench_adaptive_quick_times_every_degree():
         degrees = {"0", "1", "2"} if r["E"] < summary["world"] else {"0", "1"}
         assert set(r["ms"]) == degrees and set(r["est_ms"]) == degrees, r
         assert str(r["auto_r"]) in degrees and r["auto_over_best"] >= 1.0
+
+
+def test_bench_offload_e2e_quick_runs_every_variant():
+    """``bench_offload.py --e2e --quick``: moekit, its LRU baseline and transformers + accelerate
+    on a tiny saved model, same tokens, page cache dropped (bytes really come from the device)."""
+    import pytest
+
+    pytest.importorskip("accelerate")
+    pytest.importorskip("transformers", minversion="5.0")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_offload.py"), "--e2e", "--quick"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["bench"] == "offload_e2e" and summary["machine"]["logical_cpus"] >= 1
+    assert set(summary["variants"]) == {"moekit", "lru", "accelerate"}
+    for name, v in summary["variants"].items():
+        assert v["tokens_per_s"] > 0 and v["decode_tokens_per_s"] > 0, name
+    assert summary["checks"]["same_tokens"] is True
+    assert summary["variants"]["lru"]["options"]["policy"] == "lru"
+    assert summary["variants"]["accelerate"]["accelerate_param_bytes_offloaded"] > 0  # it did offload
+    assert set(summary["ratios"]) >= {"moekit_over_lru", "moekit_over_accelerate"}
