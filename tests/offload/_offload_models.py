@@ -60,3 +60,12 @@ def hf_generate(model, ids: list[int], max_new_tokens: int) -> list[int]:
         out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(x),
                              pad_token_id=0)
     return out[0, len(ids):].tolist()
+
+
+def generation_setup(root: Path, new_tokens: int, families=("olmoe", "qwen2_moe")) -> dict:
+    """family -> (model dir, store dir, transformers' greedy tokens) for models saved under ``root``."""
+    out = {}
+    for i, fam in enumerate(families):
+        d = save_model(fam, root / fam, seed=10 + i)
+        out[fam] = (d, root / f"{fam}.store", hf_generate(load_reference(d), PROMPT, new_tokens))
+    return out

@@ -5,20 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
 from _offload_models import PROMPT, hf_generate, load_reference, save_model  # noqa: E402
 from moekit.cli import build_parser, main  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
-from _offload_models import PROMPT, hf_generate, load_reference, save_model  # noqa: E402
+from _offload_models import PROMPT, generation_setup  # noqa: E402
 from moekit.offload.cache import ExpertCache  # noqa: E402
 from moekit.offload.experts import ExpertWeights, OffloadRuntime  # noqa: E402
 from moekit.offload.runner import load_offloaded  # noqa: E402
@@ -20,22 +20,10 @@ from moekit.offload.store import DiskStore, StoreError  # noqa: E402
 NEW = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("prefetch")
-    out = {}
-    for i, fam in enumerate(("olmoe", "qwen2_moe")):
-        d = save_model(fam, root / fam, seed=10 + i)
-        out[fam] = (d, root / f"{fam}.store", hf_generate(load_reference(d), PROMPT, NEW))
-    return out
+    return generation_setup(root, NEW)
 
 
 def _bounds(model_dir, store_dir):

@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
-from _offload_models import PROMPT, hf_generate, load_reference, save_model  # noqa: E402
+from _offload_models import PROMPT, generation_setup, hf_generate, load_reference, save_model  # noqa: E402
 from moekit import hf as H  # noqa: E402
 from moekit.offload.cache import ExpertCache  # noqa: E402
 from moekit.offload.experts import OffloadedExperts  # noqa: E402
@@ -19,22 +19,12 @@ from moekit.offload.store import StoreError  # noqa: E402
 NEW = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """family -> (model dir, store dir, transformers' greedy tokens, per-layer expert bytes)."""
     root = tmp_path_factory.mktemp("runner")
-    out = {}
-    for i, fam in enumerate(("olmoe", "qwen2_moe")):
-        d = save_model(fam, root / fam, seed=10 + i)
-        out[fam] = (d, root / f"{fam}.store", hf_generate(load_reference(d), PROMPT, NEW))
+    out = generation_setup(root, NEW)
+    for fam in out:
         assert len(set(out[fam][2])) > 2, "a degenerate reference (one token repeated) would prove little"
     return out
 

@@ -17,14 +17,6 @@ from moekit.offload.store import (ALIGN, INDEX_NAME, DiskStore, RamStore, StoreE
                                   convert_checkpoint, default_store_dir, ensure_store, open_store)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("store_models")
