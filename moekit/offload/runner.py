@@ -310,25 +310,16 @@ class OffloadedModel:
 
 def _host_compute_factor(store, activation: str, device: torch.device, repeat: int = 20) -> float:
     """Host time / device time of one expert's MLP on one row (for the miss cost model)."""
-    import statistics
-
     from moekit.offload.experts import _expert_mlp
+    from moekit.offload.throughput import _median_time
 
     w_host = store.read(0, 0, None)
     w_dev = tuple(t.to(device) for t in w_host)
     x = torch.randn(1, w_host[1].shape[0], dtype=w_host[0].dtype)
     xd = x.to(device)
 
-    def med(fn):
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    host = med(lambda: _expert_mlp(x, w_host, activation))
-    dev = med(lambda: (_expert_mlp(xd, w_dev, activation), torch.cuda.synchronize(device)))
+    host = _median_time(lambda: _expert_mlp(x, w_host, activation), repeat)
+    dev = _median_time(lambda: (_expert_mlp(xd, w_dev, activation), torch.cuda.synchronize(device)), repeat)
     return host / max(dev, 1e-9)
 
 
