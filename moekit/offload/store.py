@@ -26,9 +26,9 @@ Tiers:
     goes to the device. Chosen as the default for benchmarks because it needs no alignment
     and still lets the kernel do the I/O.
   - ``"direct"``: ``O_DIRECT``, the page cache is bypassed entirely. Needs 4096-aligned
-    offsets, lengths and memory: blobs are padded to 4096 and read into a page-aligned
-    anonymous ``mmap`` buffer owned by the store, then copied into the returned tensor (one
-    memcpy, cheap next to the read). Refused with a clear error where the file system does
+    offsets, lengths and memory: blobs are padded to 4096 and read into the page-aligned part
+    of a slightly larger torch tensor allocated for the read, then copied into the returned
+    tensor (one memcpy, cheap next to the read; the returned tensor is exactly the blob's size). Refused with a clear error where the file system does
     not support it (tmpfs).
 
 - :class:`RamStore`: every expert held in host memory (pinned when CUDA is present), read
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import re
 import sys
@@ -486,16 +485,15 @@ class DiskStore:
         self.reads = 0
         self.read_seconds = 0.0
         self._lock = threading.Lock()
-        self._scratch: Optional[mmap.mmap] = None
-        self._fds: list[int] = []
+        self._files: list = []  # unbuffered file objects: Python closes them if close() is never called
         try:
             for e in self.index.layers:
-                self._fds.append(self._open(e))
+                self._files.append(self._open(e))
         except BaseException:
             self.close()
             raise
 
-    def _open(self, e: LayerEntry) -> int:
+    def _open(self, e: LayerEntry):
         path = self.dir / e.file
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
         if self.page_cache == "direct":
@@ -503,7 +501,7 @@ class DiskStore:
                 raise ValueError("page_cache='direct' needs O_DIRECT (Linux); use page_cache='drop'")
             flags |= os.O_DIRECT
         try:
-            fd = os.open(path, flags)
+            f = open(path, "rb", buffering=0, opener=lambda p, _: os.open(p, flags))
         except FileNotFoundError:
             raise StoreError(f"{path}: expert blob file of MoE layer {e.layer} is missing") from None
         except OSError as exc:
@@ -511,37 +509,29 @@ class DiskStore:
                 raise StoreError(f"{path}: the file system refuses O_DIRECT (page_cache='direct'); "
                                  f"use page_cache='drop'") from None
             raise StoreError(f"{path}: cannot open ({exc})") from None
+        fd = f.fileno()
         size = os.fstat(fd).st_size
         if size < e.file_bytes:
-            os.close(fd)
+            f.close()
             raise StoreError(f"{path}: truncated expert blob file ({size} bytes, the index needs {e.file_bytes})")
         if self.page_cache == "drop":
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        return fd
+        return f
 
     @property
     def expert_bytes(self) -> list[int]:
         return self.index.expert_bytes
 
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-        if self._scratch is not None:
-            self._scratch.close()
-            self._scratch = None
+        for f in self._files:
+            f.close()
+        self._files = []
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-    def __del__(self):  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def _entry(self, layer: int, expert: int) -> LayerEntry:
         if not 0 <= layer < len(self.index.layers):
@@ -556,22 +546,18 @@ class DiskStore:
         """Expert ``expert`` of MoE layer ``layer``: ``(w_in [H, D], w_out [D, F])``, new tensors
         (views of one buffer) the caller owns; copied to ``device`` when given."""
         e = self._entry(layer, expert)
-        fd = self._fds[layer]
+        fd = self._files[layer].fileno()
         off, n = e.offsets[expert], e.blob_bytes
-        buf = torch.empty(n, dtype=torch.uint8)
         t0 = time.perf_counter()
-        if self.page_cache == "direct":
-            with self._lock:
-                stride = _align(n)
-                if self._scratch is None or len(self._scratch) < stride:
-                    if self._scratch is not None:
-                        self._scratch.close()
-                    self._scratch = mmap.mmap(-1, stride)  # anonymous: page-aligned, as O_DIRECT needs
-                got = self._pread(fd, memoryview(self._scratch)[:stride], off, e)
-                view = torch.frombuffer(self._scratch, dtype=torch.uint8, count=n)
-                buf.copy_(view)
-                del view
+        if self.page_cache == "direct":  # O_DIRECT: into the page-aligned part of a larger tensor
+            stride = _align(n)
+            raw = torch.empty(stride + ALIGN, dtype=torch.uint8)
+            start = -raw.data_ptr() % ALIGN
+            aligned = raw[start:start + stride]
+            got = self._pread(fd, memoryview(aligned.numpy()), off, e)
+            buf = aligned[:n].clone()
         else:
+            buf = torch.empty(n, dtype=torch.uint8)
             got = self._pread(fd, memoryview(buf.numpy()), off, e)
             if self.page_cache == "drop":
                 os.posix_fadvise(fd, off, _align(n), os.POSIX_FADV_DONTNEED)
