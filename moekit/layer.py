@@ -182,11 +182,9 @@ class MoELayer(nn.Module):
         if totals is None:
             if routing.num_tokens == 0:
                 return losses
-            counts_E, T_all = routing.tokens_per_expert_E, routing.num_tokens
-        else:
-            counts_E, T_all = totals
-            if int(T_all) == 0:
-                return losses
+            counts_E, T_all = routing.tokens_per_expert_E, None
+        else:  # no host sync on T: a global batch of 0 tokens gives 0 / 1 everywhere
+            counts_E, T_all = totals[0], totals[1].clamp(min=1)
         if cfg.aux_loss_coef > 0:
             losses["aux_loss"] = cfg.aux_loss_coef * switch_aux_loss(
                 routing.scores_TE, routing.topk_ids_TK, cfg.top_k, cfg.aux_loss_norm, cfg.router == "sigmoid",
@@ -203,7 +201,8 @@ class MoELayer(nn.Module):
             if totals is None:
                 seq_loss = torch.stack(per_seq).mean()
             else:  # this rank's sequences' share of the mean over every rank's sequences
-                seq_loss = (torch.stack(per_seq).sum() if per_seq else routing.scores_TE.sum() * 0.0) / (T_all // S)
+                num_seqs = (T_all // S).clamp(min=1)
+                seq_loss = (torch.stack(per_seq).sum() if per_seq else routing.scores_TE.sum() * 0.0) / num_seqs
             losses["seq_aux_loss"] = cfg.seq_aux_loss_coef * seq_loss
         if cfg.z_loss_coef > 0:
             z_T = torch.logsumexp(routing.logits_TE, dim=-1).square()
