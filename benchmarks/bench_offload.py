@@ -632,7 +632,6 @@ def main(argv=None) -> int:
         ap.error("choose one mode: --replay or --e2e")
     t0 = time.time()
     if args.e2e:
-        import platform
 
         print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
         mach = machine_info()

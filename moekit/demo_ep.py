@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

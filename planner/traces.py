@@ -231,7 +231,7 @@ def _read_npz(path: Path) -> RoutingTrace:
         except Exception as exc:
             raise TraceFormatError(path, f"bad meta_json: {exc}") from None
         ids, ws = [], []
-        has_w = bool(header.get("has_weights", f"topk_weights_0" in z.files))
+        has_w = bool(header.get("has_weights", "topk_weights_0" in z.files))
         for l in range(L):
             key = f"topk_ids_{l}"
             if key not in z.files:

@@ -22,7 +22,6 @@ from typing import Optional, Sequence
 import numpy as np
 
 from moekit.offload.cache import ExpertCache, PhaseStats
-from moekit.offload.policies import POLICIES
 from moekit.planner.traces import RoutingTrace, read_trace
 
 __all__ = ["Access", "SimResult", "accesses", "expert_bytes_of", "simulate", "replay_global_lru",

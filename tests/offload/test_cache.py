@@ -1,7 +1,6 @@
 """ExpertCache invariants: hard budget, quotas, eviction order per policy, Belady optimal, errors."""
 from __future__ import annotations
 
-import itertools
 import random
 
 import numpy as np

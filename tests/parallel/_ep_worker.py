@@ -62,7 +62,7 @@ def global_batch(W, case, seed=1):
     return x, gy, bounds
 
 
-def check_step(rank, W, ref, ep, x, gy, bounds, lo_hi=None):
+def check_step(rank, W, ref, ep, x, gy, bounds):
     """Forward, input grads and every parameter grad of ep (this rank's slice) vs ref (global)."""
     lo, hi = bounds[rank], bounds[rank + 1]
     xr = x.clone().requires_grad_()
@@ -73,6 +73,12 @@ def check_step(rank, W, ref, ep, x, gy, bounds, lo_hi=None):
     (y_ep * gy[lo:hi]).sum().backward()
     torch.testing.assert_close(y_ep, y_ref[lo:hi], **TOL)
     torch.testing.assert_close(xe.grad, xr.grad[lo:hi], **TOL)
+    check_param_grads(ref, ep, TOL)
+
+
+def check_param_grads(ref, ep, tol):
+    """After both backwards: ep's expert grads (replicas summed) equal ref's rows of its slots;
+    its dense and router grads summed over ranks equal ref's."""
     reduce_expert_grads(ep)
     ref_params = dict(ref.named_parameters())
     expert_names = set(expert_param_names(ep))
@@ -80,11 +86,11 @@ def check_step(rank, W, ref, ep, x, gy, bounds, lo_hi=None):
         if n in expert_names:
             layer = ep.get_submodule(n.rsplit(".", 2)[0])
             idx = torch.tensor(layer.experts.logical_ids)
-            torch.testing.assert_close(p.grad, ref_params[n].grad[idx], **TOL, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(p.grad, ref_params[n].grad[idx], **tol, msg=lambda m: f"{n}: {m}")
         else:  # dense and router grads: the sum over ranks of the local ones
             g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(g)
-            torch.testing.assert_close(g, ref_params[n].grad, **TOL, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(g, ref_params[n].grad, **tol, msg=lambda m: f"{n}: {m}")
 
 
 def train_steps(rank, W, ref, ep, x, gy, bounds, steps=3):
@@ -173,7 +179,12 @@ def scenario_ddp(rank, W):
     ep = expert_parallel(make_net())
     DDP._set_params_and_buffers_to_ignore_for_model(ep, expert_param_names(ep))
     ddp = DDP(ep)
-    x, gy, bounds = global_batch(W, "even")
+    ddp_sgd_steps(rank, W, ref, ep, ddp, *global_batch(W, "even"), "DDP recipe")
+
+
+def ddp_sgd_steps(rank, W, ref, ep, ddp, x, gy, bounds, what, **reduce_kw):
+    """3 SGD steps: ref on the global batch with the mean of the W ranks' losses, ddp on this
+    rank's slice; then every parameter (experts gathered) equals ref's."""
     lo, hi = bounds[rank], bounds[rank + 1]
     opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
     opt_e = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -183,11 +194,11 @@ def scenario_ddp(rank, W):
         opt_r.step()
         opt_e.zero_grad()
         (ddp(x[lo:hi]) * gy[lo:hi]).sum().backward()
-        reduce_expert_grads(ep, world_average=True)
+        reduce_expert_grads(ep, world_average=True, **reduce_kw)
         opt_e.step()
-    full = full_state_dict(ep)
+    full = full_state_dict(ep)  # with expert data parallel: over the 'ep' row (every row the same)
     for n, t in ref.state_dict().items():
-        torch.testing.assert_close(full[n], t, rtol=1e-9, atol=1e-11, msg=f"DDP recipe: {n}")
+        torch.testing.assert_close(full[n], t, rtol=1e-9, atol=1e-11, msg=lambda m: f"{what}: {n}: {m}")
 
 
 def scenario_errors(rank, W):
@@ -259,17 +270,7 @@ def scenario_losses(rank, W):
     # local instead of the global T, is off by tens of percent)
     tol = dict(rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(xe.grad.view(-1, D), xr.grad.view(-1, D)[lo:hi], **tol)
-    reduce_expert_grads(ep)
-    ref_params = dict(ref.named_parameters())
-    names = set(expert_param_names(ep))
-    for n, p in ep.named_parameters():
-        if n in names:
-            idx = torch.tensor(ep.get_submodule(n.rsplit(".", 2)[0]).experts.logical_ids)
-            torch.testing.assert_close(p.grad, ref_params[n].grad[idx], **tol, msg=n)
-        else:
-            gr = p.grad.clone()
-            dist.all_reduce(gr)
-            torch.testing.assert_close(gr, ref_params[n].grad, **tol, msg=n)
+    check_param_grads(ref, ep, tol)
 
 
 def scenario_hierarchical(rank, W):
@@ -303,21 +304,8 @@ def scenario_expert_data_parallel(rank, W):
     assert ep.moe1.experts.w_in.shape[0] == E // (W // 2)
     DDP._set_params_and_buffers_to_ignore_for_model(ep, expert_param_names(ep))
     ddp = DDP(ep)
-    x, gy, bounds = global_batch(W, "uneven")
-    lo, hi = bounds[rank], bounds[rank + 1]
-    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
-    opt_e = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    for _ in range(3):
-        opt_r.zero_grad()
-        ((ref(x) * gy).sum() / W).backward()
-        opt_r.step()
-        opt_e.zero_grad()
-        (ddp(x[lo:hi]) * gy[lo:hi]).sum().backward()
-        reduce_expert_grads(ep, world_average=True, data_parallel_group=mesh["dp"])
-        opt_e.step()
-    full = full_state_dict(ep)  # gathered over the 'ep' row: every row holds the same experts
-    for n, t in ref.state_dict().items():
-        torch.testing.assert_close(full[n], t, rtol=1e-9, atol=1e-11, msg=lambda m: f"EDP recipe: {n}: {m}")
+    ddp_sgd_steps(rank, W, ref, ep, ddp, *global_batch(W, "uneven"), "EDP recipe",
+                  data_parallel_group=mesh["dp"])
 
 
 def scenario_integer_exact(rank, W):

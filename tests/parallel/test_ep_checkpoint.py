@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from _harness import free_port
+from _harness import assert_ok, spawn
 import _ckpt_worker as w
 from _ep_worker import E, make_net
 from moekit.parallel import load_checkpoint, save_checkpoint
@@ -21,16 +20,14 @@ PHASES = [("w4", 4), ("w2", 2), ("w2_errors", 2)]  # one spawned group of 4; W=2
 
 
 def _assert_ok(d: Path, phase: str) -> None:
-    for rank in range(dict(PHASES)[phase]):
-        status = Path(d, f"{phase}.{rank}").read_text()
-        assert status == "ok", f"phase {phase}, rank {rank}:\n{status}"
+    assert_ok(d, phase, range(dict(PHASES)[phase]))
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(d / "other_F", make_net(ffn_hidden_size=8))  # expert w_in [12, 16, 16], not [12, 24, 16]
-    mp.start_processes(w.run, args=(4, free_port(), PHASES, str(d)), nprocs=4, join=True, start_method="spawn")
+    spawn(w.run, 4, PHASES, str(d))
     _assert_ok(d, "w4")
     _assert_ok(d, "w2")
     return d

@@ -5,17 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
-from _harness import free_port
+from _harness import spawn
 import _ep_worker
 
 
 @pytest.mark.parametrize("mode", ["raise", "hang"])
 def test_peer_failure_is_an_error_not_a_hang(tmp_path, mode):
     W = 2
-    ctx = mp.start_processes(_ep_worker.run_fault, args=(W, free_port(), mode, str(tmp_path)), nprocs=W,
-                             join=False, start_method="spawn")
+    ctx = spawn(_ep_worker.run_fault, W, mode, str(tmp_path), join=False)
     for p in ctx.processes:
         p.join(timeout=90)
         assert not p.is_alive(), "a rank hung"

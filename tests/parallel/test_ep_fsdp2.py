@@ -9,12 +9,10 @@ relative, Adam 1e-6 absolute; fp32 1e-5), also with aux/z losses; a control run 
 world_average must differ; bad input. One spawned process group per W runs every scenario."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
-from _harness import free_port
+from _harness import assert_ok, spawn
 import _fsdp2_worker
 
 SCENARIOS = list(_fsdp2_worker.SCENARIOS)
@@ -24,14 +22,11 @@ SCENARIOS = list(_fsdp2_worker.SCENARIOS)
 def world(request, tmp_path_factory):
     W = request.param
     out = tmp_path_factory.mktemp(f"fsdp2_{W}")
-    mp.start_processes(_fsdp2_worker.run, args=(W, free_port(), SCENARIOS, str(out)), nprocs=W, join=True,
-                       start_method="spawn")
+    spawn(_fsdp2_worker.run, W, SCENARIOS, str(out))
     return W, out
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_fsdp2_recipe_matches_single_device(world, scenario):
     W, out = world
-    for rank in range(W):
-        status = Path(out, f"{scenario}.{rank}").read_text()
-        assert status == "ok", f"rank {rank} of {W}:\n{status}"
+    assert_ok(out, scenario, range(W))

@@ -8,12 +8,10 @@ T=1; all tokens on one expert; a placement planned by moekit.planner from a reco
 expert-parallel OLMoE; bad input. One spawned process group per W runs every scenario."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
-from _harness import free_port
+from _harness import assert_ok, spawn
 import _ep_worker
 
 SCENARIOS = list(_ep_worker.SCENARIOS)
@@ -23,14 +21,11 @@ SCENARIOS = list(_ep_worker.SCENARIOS)
 def world(request, tmp_path_factory):
     W = request.param
     out = tmp_path_factory.mktemp(f"ep{W}")
-    mp.start_processes(_ep_worker.run, args=(W, free_port(), SCENARIOS, str(out)), nprocs=W, join=True,
-                       start_method="spawn")
+    spawn(_ep_worker.run, W, SCENARIOS, str(out))
     return W, out
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_expert_parallel_matches_single_device(world, scenario):
     W, out = world
-    for rank in range(W):
-        status = Path(out, f"{scenario}.{rank}").read_text()
-        assert status == "ok", f"rank {rank} of {W}:\n{status}"
+    assert_ok(out, scenario, range(W))

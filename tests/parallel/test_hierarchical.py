@@ -5,12 +5,10 @@ counters, bad ranks_per_node, and a peer that stops taking part (an error, not a
 One spawned process group per W runs every scenario."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
-from _harness import free_port
+from _harness import assert_ok, spawn
 import _hier_worker
 
 WORLDS = {4: ["L2", "L1", "L4", "bad_L", "peer_stops"], 6: ["L2", "L3", "L1", "L6", "bad_L"]}
@@ -23,8 +21,7 @@ def world_results(tmp_path_factory):
     def results(W):
         if W not in done:
             out = tmp_path_factory.mktemp(f"hier{W}")
-            ctx = mp.start_processes(_hier_worker.run, args=(W, free_port(), WORLDS[W], str(out)), nprocs=W,
-                                     join=False, start_method="spawn")
+            ctx = spawn(_hier_worker.run, W, WORLDS[W], str(out), join=False)
             for p in ctx.processes:
                 p.join(timeout=120)
             hung = [p for p in ctx.processes if p.is_alive()]
@@ -42,6 +39,4 @@ def world_results(tmp_path_factory):
 def test_hierarchical_all_to_all(world_results, W, scenario):
     out = world_results(W)
     ranks = range(W - 1) if scenario == "peer_stops" else range(W)  # the last rank is the one that stops
-    for rank in ranks:
-        status = Path(out, f"{scenario}.{rank}").read_text()
-        assert status == "ok", f"rank {rank} of W={W}:\n{status}"
+    assert_ok(out, scenario, ranks)
