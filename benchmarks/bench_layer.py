@@ -78,6 +78,7 @@ import moekit.experts.cpu as moekit_cpu  # noqa: E402
 from moekit.config import MoEConfig  # noqa: E402
 from moekit.experts import resolve_backend  # noqa: E402
 from moekit.layer import MoELayer  # noqa: E402
+from _machine import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 
 ALLOCATORS = {
     "default": {},
@@ -380,14 +381,7 @@ def time_interleaved(steps: dict[str, Callable], reps: int, min_reps: int, budge
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         import transformers
         tf_version = transformers.__version__

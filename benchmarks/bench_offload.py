@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from _machine import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS_MIB = (500, 1000, 2000, 4000)
@@ -112,14 +113,7 @@ def machine_info() -> dict:
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

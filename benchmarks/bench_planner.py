@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from moekit import planner as P  # noqa: E402
 from moekit.planner.assign import linear_assignment  # noqa: E402
+from _machine import cpu_model  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 
 
 def machine() -> dict:
@@ -39,14 +40,7 @@ def machine() -> dict:
         hv = version("highspy")
     except Exception:
         hv = "?"
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
             "pulp": pulp.__version__, "highspy": hv, "platform": platform.platform()}
 
