@@ -220,8 +220,7 @@ def measure_link(group=None, timeout: timedelta = DEFAULT_TIMEOUT, small: int = 
     group = _group_of(group)
     W = dist.get_world_size(group)
     device = device or torch.device("cpu")
-    gather = comm._collective("all_gather_single", "all_gather_into_tensor")
-    scatter = comm._collective("reduce_scatter_single", "reduce_scatter_tensor")
+    gather, scatter = comm.all_gather_single, comm.reduce_scatter_single
 
     def timed(kind: str, nbytes: int) -> float:
         n = max(nbytes // 4, 1)

@@ -69,8 +69,9 @@ def all_to_all_rows(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[i
     return _AllToAllRows.apply(x_ND, list(out_splits), list(in_splits), group, timeout, what)
 
 
-def _collective(new: str, old: str):
-    return getattr(dist, new, None) or getattr(dist, old)  # torch 2.13 renamed the *_tensor collectives
+# torch 2.13 renamed the *_tensor collectives; either name, resolved once
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class _AllGatherRows(torch.autograd.Function):
@@ -81,8 +82,7 @@ class _AllGatherRows(torch.autograd.Function):
         ctx.group, ctx.timeout, ctx.what = group, timeout, what
         W = dist.get_world_size(group)
         out = x_ND.new_empty(W * x_ND.shape[0], *x_ND.shape[1:])
-        wait(_collective("all_gather_single", "all_gather_into_tensor")(out, x_ND.contiguous(), group=group,
-                                                                       async_op=True), timeout, what)
+        wait(all_gather_single(out, x_ND.contiguous(), group=group, async_op=True), timeout, what)
         return out
 
     @staticmethod
@@ -97,8 +97,7 @@ class _ReduceScatterRows(torch.autograd.Function):
         ctx.group, ctx.timeout, ctx.what = group, timeout, what
         W = dist.get_world_size(group)
         out = x_WND.new_empty(x_WND.shape[0] // W, *x_WND.shape[1:])
-        wait(_collective("reduce_scatter_single", "reduce_scatter_tensor")(out, x_WND.contiguous(), group=group,
-                                                                          async_op=True), timeout, what)
+        wait(reduce_scatter_single(out, x_WND.contiguous(), group=group, async_op=True), timeout, what)
         return out
 
     @staticmethod

@@ -309,11 +309,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         d: AllToAllDispatcher = layer.dispatcher
         first_slot = torch.tensor([r[0] for r in d.placement.replicas()], dtype=torch.long)
         for pname in ("w_in", "w_out"):
-            local = getattr(layer.experts, pname).detach().contiguous()
-            full = local.new_empty(d.placement.world_size * local.shape[0], *local.shape[1:])
-            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
-            comm.wait(gather(full, local, group=d.group, async_op=True), d.timeout,
-                      f"full_state_dict of layer {name!r}")
+            full = comm.all_gather_rows(getattr(layer.experts, pname).detach(), d.group, d.timeout,
+                                        f"full_state_dict of layer {name!r}")
             sd[f"{name}.experts.{pname}"] = full.index_select(0, first_slot.to(full.device))
     return sd
 

@@ -41,12 +41,10 @@ class GroupBatch:
         ids_TK, weights_TK = routing.topk_ids_TK, routing.topk_weights_TK.detach()
         T, K = ids_TK.shape
         W = dist.get_world_size(self.group)
-        T_W = torch.empty(W, dtype=torch.long, device=ids_TK.device)
-        _gather(T_W, torch.tensor([T], dtype=torch.long, device=ids_TK.device), self, "token numbers")
-        Ts = T_W.tolist()
+        Ts = self._gather(torch.tensor([T], dtype=torch.long, device=ids_TK.device), "token numbers").tolist()
         T_max = max(Ts)
-        ids_W = _gather_padded(ids_TK, T_max, W, self, "expert ids")
-        weights_W = _gather_padded(weights_TK, T_max, W, self, "routing weights")
+        ids_W = self._gather_padded(ids_TK, T_max, "expert ids").view(W, T_max, K)
+        weights_W = self._gather_padded(weights_TK, T_max, "routing weights").view(W, T_max, K)
         ids_g = torch.cat([ids_W[r, :n] for r, n in enumerate(Ts)])
         weights_g = torch.cat([weights_W[r, :n] for r, n in enumerate(Ts)])
         keep_g = capacity_keep(ids_g, weights_g, global_tokens_per_expert_E, capacity, drop_policy)
@@ -55,16 +53,11 @@ class GroupBatch:
         return drop_assignments(routing, keep_g[start:start + T])
 
 
-def _gather(out: torch.Tensor, local: torch.Tensor, gb: GroupBatch, what: str) -> None:
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
-    comm.wait(gather(out, local.contiguous(), group=gb.group, async_op=True), gb.timeout,
-              f"capacity ({what}) of layer {gb.name!r}")
+    def _gather(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        return comm.all_gather_rows(x, self.group, self.timeout, f"capacity ({what}) of layer {self.name!r}")
 
-
-def _gather_padded(x_TK: torch.Tensor, T_max: int, W: int, gb: GroupBatch, what: str) -> torch.Tensor:
-    """[T, K] per rank -> [W, T_max, K] (rows past a rank's T are padding)."""
-    padded = x_TK.new_zeros(T_max, *x_TK.shape[1:])
-    padded[:x_TK.shape[0]] = x_TK
-    out = x_TK.new_empty(W * T_max, *x_TK.shape[1:])
-    _gather(out, padded, gb, what)
-    return out.view(W, T_max, *x_TK.shape[1:])
+    def _gather_padded(self, x_TK: torch.Tensor, T_max: int, what: str) -> torch.Tensor:
+        """[T, K] per rank -> [W*T_max, K] (rows past a rank's T are padding)."""
+        padded = x_TK.new_zeros(T_max, *x_TK.shape[1:])
+        padded[:x_TK.shape[0]] = x_TK
+        return self._gather(padded, what)
