@@ -127,9 +127,12 @@ class MoELayer(nn.Module):
             observe(self, routing)
         if self.routing_transform is not None:  # logical -> physical expert ids (placement, cache)
             routing = self.routing_transform(routing)
-        x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TD, routing)
-        y_ND = self.experts(x_ND, tokens_per_expert_E)
-        y_TD = self.dispatcher.combine(y_ND, ctx)
+        if hasattr(self.dispatcher, "run"):  # dispatch, experts and combine pipelined as one block
+            y_TD = self.dispatcher.run(x_TD, routing, self.experts)
+        else:
+            x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TD, routing)
+            y_ND = self.experts(x_ND, tokens_per_expert_E)
+            y_TD = self.dispatcher.combine(y_ND, ctx)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:

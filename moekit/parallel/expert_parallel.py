@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -175,7 +175,8 @@ def _check_same_everywhere(sig: dict, group, what: str) -> None:
 
 
 def expert_parallel(model: nn.Module, group=None, *, placement: PlacementLike = None,
-                    timeout: timedelta = DEFAULT_TIMEOUT, ranks_per_node: Optional[int] = None) -> nn.Module:
+                    timeout: timedelta = DEFAULT_TIMEOUT, ranks_per_node: Optional[int] = None,
+                    overlap: str = "none", chunks: Union[str, int] = "auto") -> nn.Module:
     """Convert every MoELayer of ``model`` in place to run expert parallel over ``group``.
 
     Args:
@@ -192,15 +193,25 @@ def expert_parallel(model: nn.Module, group=None, *, placement: PlacementLike = 
             all-to-all, intra-node then inter-node, with rank r on node r // L (L must divide W;
             the group must span every process, since the node subgroups are created with
             ``dist.new_group``). Same results as flat, fewer and larger inter-node messages.
+        overlap: "none" (dispatch, experts and combine one after the other: the reference),
+            "chunked" (Tutel's pipelining: d chunks, the exchange of one overlapping the experts
+            of another) or "fine" (Comet: local rows first, each peer's rows computed as they
+            arrive and sent back at once), forward and backward; see :mod:`moekit.parallel.overlap`.
+        chunks: with overlap, the number of chunks ("chunked") or row blocks per peer
+            ("fine"), or "auto": measured per shape on the first calls and cached.
 
     Returns ``model``. Each rank keeps only its slots' expert weights.
     """
+    from moekit.parallel import overlap as _overlap  # it subclasses AllToAllDispatcher
+
+    _overlap.check_overlap(overlap, chunks, ranks_per_node)
     group = _group_of(group)
     W, rank = dist.get_world_size(group), dist.get_rank(group)
     layers = list(moe_layers(model))
     if not layers:
         raise ValueError("expert_parallel: the model has no MoELayer")
-    sig = {"num_moe_layers": len(layers), "layer_names": [n for n, _ in layers]}
+    sig = {"num_moe_layers": len(layers), "layer_names": [n for n, _ in layers], "overlap": overlap,
+           "chunks": chunks}
     for i, (_, layer) in enumerate(layers):
         for k, v in _layer_signature(layer).items():
             sig[f"layers[{i}].{k}"] = v
@@ -223,7 +234,10 @@ def expert_parallel(model: nn.Module, group=None, *, placement: PlacementLike = 
         if isinstance(layer.dispatcher, AllToAllDispatcher):
             raise ValueError(f"expert_parallel: layer {name!r} is already expert parallel")
         layer.experts = ExpertShard(layer.experts, pl.slots_of(rank))
-        layer.dispatcher = AllToAllDispatcher(group, pl, rank, name, timeout, rows_group)
+        if overlap == "none":
+            layer.dispatcher = AllToAllDispatcher(group, pl, rank, name, timeout, rows_group)
+        else:
+            layer.dispatcher = _overlap.OverlapDispatcher(group, pl, rank, name, timeout, overlap, chunks)
         layer.global_batch = GroupBatch(group, timeout, name)
     return model
 

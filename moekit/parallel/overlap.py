@@ -1,0 +1,425 @@
+"""Communication/computation overlap for the expert-parallel layer: Tutel's chunked pipelining
+and Comet's fine-grained, dependency-ordered overlap, forward and backward.
+
+Legend: W ranks, S slots per rank, D model dim, R rows this rank sends (its tokens' assignments,
+sorted by destination rank then slot), B blocks per peer, d chunks.
+
+The non-overlapped layer (:class:`~moekit.parallel.expert_parallel.AllToAllDispatcher`) runs
+dispatch all-to-all -> experts -> combine all-to-all one after the other. Here the three run as
+one pipelined block, :class:`OverlapDispatcher.run`, over *pieces*: piece (q, j) is block j of
+the rows exchanged with peer q, where block j of a segment of n rows (one (peer, slot) pair) is
+rows ``[n*j//B, n*(j+1)//B)`` and a piece takes block j of each of the peer's S segments, so
+both sides derive every piece's rows and per-slot counts from the counts they already
+exchanged. All messages are point-to-point (``isend``/``irecv``, one per non-empty piece and
+direction, tags by piece), every receive and send of the dispatch is posted at once, sends in
+ring order (rank r sends to r+1, r+2, ... and receives from r-1, r-2, ...: at each step every
+rank sends to a different peer), so the link never idles while pieces remain.
+
+- ``overlap="chunked"`` (Tutel's adaptive pipelining, degree d = B): stage j computes the
+  rows of chunk j from *every* source at once (one grouped expert GEMM per chunk, rows
+  reordered to slot order), then sends its results back while chunk j+1's rows still arrive.
+- ``overlap="fine"`` (Comet): stages follow the dependencies of single pieces: this rank's own
+  rows first (they need no communication), then each peer's blocks in the order they are due
+  to arrive; each piece waits only for its own source and its results are sent back to that
+  source at once, so the combine of early pieces overlaps the compute of later ones. Comet
+  splits the combine GEMM by column blocks; with the experts computed as one black-box call
+  per piece the same effect comes from row blocks per destination (B), which keeps the
+  experts' own fused kernels and backward.
+
+The backward has the same shape (gradients of the outputs travel like the dispatch, the
+experts' backward runs per piece, input gradients travel back like the combine), so it is
+pipelined the same way. Pieces hold the same rows as the non-overlapped layer and every row's
+expert output depends on that row alone, so outputs and input gradients are those of the
+reference; expert weight gradients are sums over pieces in a fixed order (equal to the
+reference bit for bit when every sum is exact, e.g. integer-valued data, else to rounding).
+
+``chunks="auto"`` tries each candidate degree on real calls (a forward per trial, timed on
+every rank, the slowest rank counts), keeps the fastest per shape key (the largest number of
+rows any rank exchanges, rounded up to a power of two, all-reduced so every rank uses the same
+key) and reuses it without retuning; a new key tunes again. This is Comet's adaptive workload
+assignment at the granularity Python can control: how the work is cut and ordered.
+
+On GPUs the point-to-point ops run on NCCL's stream and ``wait`` only makes the compute stream
+wait for them, so pieces overlap without host syncs; on CPUs gloo moves the bytes on its own
+threads while the main thread computes. Placements with replicas and capacity drops work as in
+the reference; ``ranks_per_node`` (2DH) does not combine with overlap (refused).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from moekit.dispatch import gather_rows, permute_rows, unpermute_rows, weighted_combine
+from moekit.parallel import comm
+from moekit.parallel.expert_parallel import AllToAllDispatcher, _source_to_slot_order
+from moekit.router import Routing, count_per_expert
+
+log = logging.getLogger(__name__)
+
+OVERLAP_MODES = ("none", "chunked", "fine")
+CANDIDATES = {"chunked": (1, 2, 4, 8), "fine": (1, 2, 4)}
+Chunks = Union[str, int]
+
+
+def _block(n: int, j: int, B: int) -> tuple[int, int]:
+    return n * j // B, n * (j + 1) // B
+
+
+@dataclass
+class ExchangePlan:
+    """Rows of every piece of one call, on both sides, from the per-(peer, slot) counts.
+
+    send_WS[q][s]: rows this rank sends to slot s of rank q (its rows are sorted by (q, s));
+    recv_WS[q][s]: rows rank q sends to this rank's slot s; B blocks per peer.
+    """
+
+    rank: int
+    send_WS: list[list[int]]
+    recv_WS: list[list[int]]
+    B: int
+    device: torch.device
+    _send_idx: dict = field(default_factory=dict)
+
+    @property
+    def W(self) -> int:
+        return len(self.send_WS)
+
+    def recv_counts_S(self, q: int, j: int) -> list[int]:
+        """Per-slot rows of piece (q, j) on the receiving (expert) side."""
+        return [_block(n, j, self.B)[1] - _block(n, j, self.B)[0] for n in self.recv_WS[q]]
+
+    def recv_rows(self, q: int, j: int) -> int:
+        return sum(self.recv_counts_S(q, j))
+
+    def send_rows(self, q: int, j: int) -> int:
+        return sum(_block(n, j, self.B)[1] - _block(n, j, self.B)[0] for n in self.send_WS[q])
+
+    def send_index(self, q: int, j: int) -> torch.Tensor:
+        """Positions in the send buffer [R] of piece (q, j)'s rows (slot order)."""
+        key = (q, j)
+        if key not in self._send_idx:
+            base = sum(sum(r) for r in self.send_WS[:q])
+            parts = []
+            for n in self.send_WS[q]:
+                lo, hi = _block(n, j, self.B)
+                if hi > lo:
+                    parts.append(torch.arange(base + lo, base + hi))
+                base += n
+            idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            self._send_idx[key] = idx.to(self.device)
+        return self._send_idx[key]
+
+    def largest_exchange(self) -> int:
+        return max(sum(map(sum, self.send_WS)), sum(map(sum, self.recv_WS)))
+
+
+def stages(mode: str, W: int, rank: int, B: int) -> list[list[tuple[int, int]]]:
+    """The compute stages, each a list of pieces (peer, block), in execution order."""
+    ring_in = [(rank - k) % W for k in range(1, W)]  # r-1 sends to r first, then r-2, ...
+    if mode == "chunked":
+        return [[(q, j) for q in range(W)] for j in range(B)]
+    return [[(rank, j)] for j in range(B)] + [[(q, j)] for q in ring_in for j in range(B)]
+
+
+def _ring_out(W: int, rank: int) -> list[int]:
+    return [(rank + k) % W for k in range(1, W)]
+
+
+class _Pipeline:
+    """Runs one direction of the pipelined block: send rows out by piece, compute each stage as
+    its pieces arrive, send results back to their sources, collect what comes back.
+
+    ``compute(stage_index, pieces, x_rows, counts_WS) -> y_rows`` gets the stage's received rows
+    concatenated in piece order (each piece in slot order) and returns rows in the same order.
+    ``mode``: "both" (real), "comm" (exchange only, the compute returns its input: for
+    measuring T_comm), "comp" (compute only, received rows are zeros of the right size and
+    nothing is sent: for measuring T_comp).
+    """
+
+    def __init__(self, plan: ExchangePlan, stage_list, group, timeout: timedelta, what: str, mode: str = "both"):
+        self.plan, self.stages, self.group, self.timeout, self.what, self.mode = plan, stage_list, group, timeout, what, mode
+        # between two ranks, block j's dispatch message has tag 2j and its returned results 2j+1
+        self.tag_of = {(q, j): 2 * j for q in range(plan.W) for j in range(plan.B)}
+
+    def run(self, rows_RD: torch.Tensor, compute: Callable, D_out: int) -> torch.Tensor:
+        plan, rank, W = self.plan, self.plan.rank, self.plan.W
+        comm_on = self.mode != "comp"
+        D = rows_RD.shape[-1]
+        inbound, outbound, returns = {}, [], {}
+        pieces = [p for st in self.stages for p in st]
+        # post every receive of the dispatch and of the returns, then every dispatch send (ring order)
+        for (q, j) in pieces:
+            if q == rank:
+                continue
+            n_in, n_back = plan.recv_rows(q, j), plan.send_rows(q, j)
+            if n_in:
+                buf = rows_RD.new_empty(n_in, D) if comm_on else rows_RD.new_zeros(n_in, D)
+                work = dist.irecv(buf, group=self.group, group_src=q, tag=self.tag_of[(q, j)]) if comm_on else None
+                inbound[(q, j)] = (buf, work)
+            if n_back:
+                buf = rows_RD.new_empty(n_back, D_out)
+                work = dist.irecv(buf, group=self.group, group_src=q, tag=self.tag_of[(q, j)] + 1) if comm_on else None
+                returns[(q, j)] = (buf, work)
+        if comm_on:
+            for j in range(plan.B):
+                for q in _ring_out(W, rank):
+                    if plan.send_rows(q, j):
+                        piece_rows = rows_RD.index_select(0, plan.send_index(q, j))
+                        outbound.append((dist.isend(piece_rows, group=self.group, group_dst=q,
+                                                    tag=self.tag_of[(q, j)]), piece_rows))
+        out_RD = rows_RD.new_zeros(rows_RD.shape[0], D_out)
+        for i, stage in enumerate(self.stages):
+            xs, counts = [], []
+            for (q, j) in stage:
+                counts.append(plan.recv_counts_S(q, j))
+                if q == rank:
+                    xs.append(rows_RD.index_select(0, plan.send_index(q, j)))
+                elif (q, j) in inbound:
+                    buf, work = inbound.pop((q, j))
+                    if work is not None:
+                        comm.wait(work, self.timeout, f"{self.what}: rows of piece {(q, j)} from rank {q}")
+                    xs.append(buf)
+                else:
+                    xs.append(rows_RD.new_empty(0, D))
+            x = torch.cat(xs) if len(xs) > 1 else xs[0]
+            y = compute(i, stage, x, counts) if self.mode != "comm" else (x if D_out == D else x.new_zeros(x.shape[0], D_out))
+            off = 0
+            for (q, j), c in zip(stage, counts):
+                n = sum(c)
+                if n == 0:
+                    continue
+                y_piece = y[off:off + n]
+                off += n
+                if q == rank:
+                    out_RD.index_copy_(0, plan.send_index(q, j), y_piece)
+                elif comm_on:
+                    y_piece = y_piece.contiguous()
+                    outbound.append((dist.isend(y_piece, group=self.group, group_dst=q,
+                                                tag=self.tag_of[(q, j)] + 1), y_piece))
+        for (q, j), (buf, work) in returns.items():
+            if work is not None:
+                comm.wait(work, self.timeout, f"{self.what}: results of piece {(q, j)} from rank {q}")
+                out_RD.index_copy_(0, plan.send_index(q, j), buf)
+        for work, _ in outbound:
+            comm.wait(work, self.timeout, f"{self.what}: send")
+        return out_RD
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class _ExpertsBlock:
+    """The experts' side of one call: forward per stage (keeping each stage's graph for the
+    backward), backward per stage through those graphs."""
+
+    def __init__(self, experts, plan: ExchangePlan, stage_list, keep_graph: bool):
+        self.experts, self.plan, self.stages, self.keep_graph = experts, plan, stage_list, keep_graph
+        self.saved: list = [None] * len(stage_list)
+        self.param_grads: dict = {}
+
+    def _counts(self, pieces, counts) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Slot counts [S] of a stage and, with several pieces, the (piece, slot) -> slot order."""
+        dev = self.plan.device
+        if len(pieces) == 1:
+            return torch.tensor(counts[0], dtype=torch.long, device=dev), None
+        c_PS = torch.tensor(counts, dtype=torch.long, device=dev)
+        return c_PS.sum(0), _source_to_slot_order(c_PS)
+
+    def forward(self, i: int, pieces, x: torch.Tensor, counts) -> torch.Tensor:
+        counts_S, perm = self._counts(pieces, counts)
+        # the stage's graph is this block's own: identity hooks keep an outer non-reentrant
+        # checkpoint from packing its tensors (unpacking them would re-run the region's
+        # exchanges in the middle of this block's backward exchange)
+        with torch.enable_grad() if self.keep_graph else torch.no_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            x_in = x.detach().requires_grad_(self.keep_graph) if self.keep_graph else x
+            x_slot = x_in if perm is None else permute_rows(x_in, perm)
+            y_slot = self.experts(x_slot, counts_S)
+            y = y_slot if perm is None else unpermute_rows(y_slot, perm)
+        if self.keep_graph:
+            self.saved[i] = (x_in, y)
+        return y.detach()
+
+    def backward(self, i: int, pieces, g: torch.Tensor, counts) -> torch.Tensor:
+        x_in, y = self.saved[i]
+        self.saved[i] = None
+        params = [p for p in (self.experts.w_in, self.experts.w_out) if p.requires_grad]
+        if x_in.shape[0] == 0:
+            return g.new_zeros(0, x_in.shape[-1])
+        grads = torch.autograd.grad(y, [x_in] + params, g, allow_unused=True)
+        for p, gp in zip(params, grads[1:]):
+            if gp is not None:
+                self.param_grads[p] = gp if self.param_grads.get(p) is None else self.param_grads[p] + gp
+        return grads[0]
+
+
+class _OverlappedExperts(torch.autograd.Function):
+    """x_sorted [R, D] (this rank's rows by destination) -> y_sorted [R, D] (their expert outputs)
+    through the pipelined exchange; the weights are inputs so their gradients land in ``.grad``."""
+
+    @staticmethod
+    def forward(ctx, x_RD, w_in, w_out, disp: "OverlapDispatcher", plan: ExchangePlan, stage_list):
+        block = _ExpertsBlock(disp._experts, plan, stage_list, keep_graph=True)
+        pipe = _Pipeline(plan, stage_list, disp.group, disp.timeout, f"overlapped dispatch of layer {disp.name!r}")
+        y_RD = pipe.run(x_RD, block.forward, x_RD.shape[-1])
+        ctx.block, ctx.disp = block, disp
+        return y_RD
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_RD):
+        block, disp = ctx.block, ctx.disp
+        block.param_grads = {}
+        pipe = _Pipeline(block.plan, block.stages, disp.group, disp.timeout,
+                         f"overlapped backward of layer {disp.name!r}")
+        gx_RD = pipe.run(g_RD.contiguous(), block.backward, g_RD.shape[-1])
+        ex = block.experts
+        g_in, g_out = block.param_grads.get(ex.w_in), block.param_grads.get(ex.w_out)
+        if g_in is None and ex.w_in.requires_grad:
+            g_in = torch.zeros_like(ex.w_in)
+        if g_out is None and ex.w_out.requires_grad:
+            g_out = torch.zeros_like(ex.w_out)
+        ctx.block = None
+        return gx_RD, g_in, g_out, None, None, None
+
+
+class ChunkTuner:
+    """``chunks="auto"``: per shape key, try each candidate degree on real forward calls
+    (``trials`` each, in order), then keep the one whose slowest rank was fastest. The decision
+    is one all-reduce of the measured times, so every rank picks the same degree."""
+
+    def __init__(self, candidates, trials: int = 2):
+        self.candidates, self.trials = tuple(candidates), trials
+        self.chosen: dict[int, int] = {}
+        self._times: dict[int, list[list[float]]] = {}
+        self.tunings = 0  # keys decided so far (a seen key is never retuned)
+
+    def degree(self, key: int) -> Optional[int]:
+        """The degree for a call with ``key``; None while still trying (then :meth:`trial`)."""
+        return self.chosen.get(key)
+
+    def trial(self, key: int) -> tuple[int, int]:
+        """(candidate index, degree) to try on this call."""
+        times = self._times.setdefault(key, [[] for _ in self.candidates])
+        i = min(range(len(self.candidates)), key=lambda c: (len(times[c]), c))
+        return i, self.candidates[i]
+
+    def record(self, key: int, index: int, seconds: float, group, timeout, what: str) -> None:
+        times = self._times[key]
+        times[index].append(seconds)
+        if all(len(t) >= self.trials for t in times):
+            best_T = torch.tensor([min(t) for t in times], dtype=torch.float64)
+            comm.wait(dist.all_reduce(best_T, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout, what)
+            pick = int(torch.argmin(best_T))
+            self.chosen[key] = self.candidates[pick]
+            self.tunings += 1
+            del self._times[key]
+            log.info("%s: chunks=%d for shape key %d (measured %s ms)", what, self.candidates[pick], key,
+                     ", ".join(f"{c}: {t * 1e3:.2f}" for c, t in zip(self.candidates, best_T.tolist())))
+
+
+class OverlapDispatcher(AllToAllDispatcher):
+    """An :class:`AllToAllDispatcher` whose layer runs dispatch, experts and combine as one
+    pipelined block (:meth:`run`); ``overlap`` is "chunked" or "fine", ``chunks`` an int (chunks
+    for "chunked", row blocks per peer for "fine") or "auto"."""
+
+    def __init__(self, group, placement, rank: int, name: str, timeout: timedelta, overlap: str, chunks: Chunks):
+        super().__init__(group, placement, rank, name, timeout)
+        if overlap not in ("chunked", "fine"):
+            raise ValueError(f"overlap={overlap!r}: expected one of {OVERLAP_MODES}")
+        if chunks != "auto" and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+            raise ValueError(f"chunks={chunks!r}: expected 'auto' or an int >= 1")
+        self.overlap, self.chunks = overlap, chunks
+        self.tuner = ChunkTuner(CANDIDATES[overlap]) if chunks == "auto" else None
+        self.last_chunks: Optional[int] = None
+        self._experts = None
+
+    def _exchange_counts(self, x_TD, routing: Routing):
+        """Sorted rows, their order, and the per-(peer, slot) counts both ways (as the reference)."""
+        W, S = self.placement.world_size, self.placement.slots_per_rank
+        K = routing.topk_ids_TK.shape[1]
+        ids_N = routing.topk_ids_TK.reshape(-1)
+        dropped = routing.num_dropped
+        slot_N = torch.where(ids_N >= 0, self._physical(ids_N.clamp(min=0)), -1) if dropped else self._physical(ids_N)
+        order_N = torch.sort(slot_N, stable=True).indices
+        if dropped:
+            order_N = order_N[dropped:]
+        send_P = count_per_expert(slot_N, W * S)
+        what = f"dispatch of layer {self.name!r}"
+        recv_WS = comm.all_to_all_counts(send_P, self.group, self.timeout, what + " (counts)").view(W, S)
+        x_sorted = gather_rows(x_TD, order_N, K)
+        return x_sorted, order_N, send_P.view(W, S).tolist(), recv_WS.tolist()
+
+    def plan(self, x_TD: torch.Tensor, routing: Routing, chunks: int):
+        """(x_sorted [R, D], order_N, ExchangePlan) for ``chunks`` blocks: for benchmarks."""
+        x_sorted, order_N, send_WS, recv_WS = self._exchange_counts(x_TD, routing)
+        return x_sorted, order_N, ExchangePlan(self.rank, send_WS, recv_WS, chunks, x_TD.device)
+
+    def run(self, x_TD: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
+        """x_TD [T, D] -> y_TD [T, D]: the layer's dispatch -> experts -> combine, pipelined."""
+        x_sorted, order_N, send_WS, recv_WS = self._exchange_counts(x_TD, routing)
+        key = index = None
+        if self.tuner is None:
+            B = self.chunks
+        else:
+            rows = torch.tensor([max(sum(map(sum, send_WS)), sum(map(sum, recv_WS)))], dtype=torch.long)
+            comm.wait(dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=self.group, async_op=True), self.timeout,
+                      f"overlap shape key of layer {self.name!r}")
+            key = 1 << max(int(rows.item()) - 1, 0).bit_length()
+            B = self.tuner.degree(key)
+            if B is None:
+                index, B = self.tuner.trial(key)
+        self.last_chunks = B
+        plan = ExchangePlan(self.rank, send_WS, recv_WS, B, x_TD.device)
+        stage_list = stages(self.overlap, self.placement.world_size, self.rank, B)
+        t0 = time.perf_counter()
+        y_sorted = self.block(x_sorted, experts, plan, stage_list)
+        if index is not None:
+            if x_TD.device.type == "cuda":
+                torch.cuda.synchronize(x_TD.device)
+            self.tuner.record(key, index, time.perf_counter() - t0, self.group, self.timeout,
+                              f"overlap tuner of layer {self.name!r}")
+        W, D = self.placement.world_size, x_TD.shape[-1]
+        remote_out = sum(sum(send_WS[q]) for q in range(W) if q != self.rank)
+        remote_in = sum(sum(recv_WS[q]) for q in range(W) if q != self.rank)
+        self.rows_remote += remote_out
+        self.bytes_sent += (remote_out + remote_in) * D * x_TD.element_size()
+        return weighted_combine(y_sorted, order_N, routing.topk_weights_TK, routing.num_dropped)
+
+    def block(self, x_sorted: torch.Tensor, experts, plan: ExchangePlan, stage_list, mode: str = "both") -> torch.Tensor:
+        """The pipelined exchange + experts on sorted rows [R, D] -> [R, D]. ``mode`` "comm" or
+        "comp" runs only the communication or only the computation (for measuring overlap)."""
+        params = (experts.w_in, experts.w_out)
+        grad = torch.is_grad_enabled() and (x_sorted.requires_grad or any(p.requires_grad for p in params))
+        if grad and mode == "both":
+            self._experts = experts
+            try:
+                return _OverlappedExperts.apply(x_sorted, *params, self, plan, stage_list)
+            finally:
+                self._experts = None
+        blk = _ExpertsBlock(experts, plan, stage_list, keep_graph=False)
+        pipe = _Pipeline(plan, stage_list, self.group, self.timeout, f"overlapped dispatch of layer {self.name!r}", mode)
+        return pipe.run(x_sorted, blk.forward, x_sorted.shape[-1])
+
+    def dispatch(self, x_TD, routing):
+        raise RuntimeError(f"layer {self.name!r} runs overlapped (overlap={self.overlap!r}): the layer calls "
+                           "run(x_TD, routing, experts), not dispatch/combine")
+
+
+def check_overlap(overlap: str, chunks: Chunks, ranks_per_node) -> None:
+    if overlap not in OVERLAP_MODES:
+        raise ValueError(f"expert_parallel: overlap={overlap!r}, expected one of {OVERLAP_MODES}")
+    if overlap != "none" and ranks_per_node is not None:
+        raise ValueError("expert_parallel: overlap with ranks_per_node (2DH) is not supported: the overlapped "
+                         "schemes exchange point-to-point per peer; use the flat exchange")
+    if chunks != "auto" and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+        raise ValueError(f"expert_parallel: chunks={chunks!r}, expected 'auto' or an int >= 1")
