@@ -93,6 +93,135 @@ def replay_target(traces_dir: Path, budgets_mib=BUDGETS_MIB, prefetch: int = 6) 
     return out
 
 
+# --- token scheduling (ExpertFlow): FIFO vs scheduled batches, replayed ------------------
+SCHED_SEGMENT, SCHED_PROMPT, SCHED_BATCH, SCHED_SEEDS = 12, 4, 4, 3
+MIXTRAL_CATEGORIES = ("coding", "math", "reasoning", "writing")
+MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2          # one Mixtral-8x7B expert in bf16 (w1, w2, w3)
+
+
+def _sched_requests(ids_TLK, segment: int, seed: int) -> list:
+    """Consecutive ``segment``-token slices of a token stream ``[T, L, K]`` as requests, in a random
+    arrival order (``seed``): a server's arrival order says nothing about content."""
+    import numpy as np
+
+    R = ids_TLK.shape[0] // segment
+    perm = np.random.default_rng(seed).permutation(R)
+    return [ids_TLK[r * segment:(r + 1) * segment] for r in perm]
+
+
+def _sched_work(reqs, prompt: int, batch: int, mode: str, E: int) -> tuple[list, list]:
+    """(work for ``schedule.batch_accesses``, decode passes' batches) of one serving mode:
+
+    * ``fifo`` / ``static``: request-level batches (``static``: :func:`schedule` on each request's
+      prompt routes, what ``generate_many`` does with its own signature), each batch prefilled then
+      decoded to its end before the next (one ``generate`` call per batch);
+    * ``step-fifo`` / ``step-sched`` / ``step-oracle``: every request prefilled in FIFO batches, then
+      per decode step one pass per batch, the batches formed anew each step (ExpertFlow's token
+      scheduler): ``step-fifo`` the FIFO batches every step, ``step-sched`` :func:`schedule` on each
+      request's previous token's routes (known: it was routed), ``step-oracle`` on the token's own
+      routes (not knowable before it is routed: the most scheduling could save)."""
+    from moekit.offload.schedule import fifo_batches, route_sets, schedule
+
+    R, S = len(reqs), reqs[0].shape[0]
+    work, dec_batches = [], []
+    if mode in ("fifo", "static"):
+        sig = [route_sets(r[:prompt], E) for r in reqs]
+        bs = fifo_batches(R, batch) if mode == "fifo" else schedule(sig, batch)
+        for b in bs:
+            work.append(("prefill", [(r, t) for r in b for t in range(prompt)]))
+            for t in range(prompt, S):
+                work.append(("decode", [(r, t) for r in b]))
+                dec_batches.append(b)
+        return work, dec_batches
+    for b in fifo_batches(R, batch):
+        work.append(("prefill", [(r, t) for r in b for t in range(prompt)]))
+    for t in range(prompt, S):
+        if mode == "step-fifo":
+            bs = fifo_batches(R, batch)
+        else:
+            src = t - 1 if mode == "step-sched" else t
+            bs = schedule([route_sets(r[src:src + 1], E) for r in reqs], batch)
+        for b in bs:
+            work.append(("decode", [(r, t) for r in b]))
+            dec_batches.append(b)
+    return work, dec_batches
+
+
+SCHED_MODES = ("fifo", "static", "step-fifo", "step-sched", "step-oracle")
+
+
+def schedule_target(traces_dir: Path, budgets_mib=BUDGETS_MIB, segment: int = SCHED_SEGMENT,
+                    prompt: int = SCHED_PROMPT, batch: int = SCHED_BATCH, seeds: int = SCHED_SEEDS,
+                    policies=("predictive", "lru")) -> dict:
+    """Token scheduling on the real traces: distinct experts per decode pass and layer, and the
+    decode hit rate and MiB read per decode token at ``budgets_mib`` per mode (``_sched_work``),
+    mean over ``seeds`` arrival orders. Qwen/Gemma: the one recorded sequence (prompt + 128 decode
+    tokens) cut into ``segment``-token requests (first ``prompt`` tokens their prompt). Mixtral
+    (distinct experts, and hit rates at 4 / 6 of 8 slots per layer): 8 random 32-token slices of
+    each of the four MT-Bench category traces, mixed."""
+    import numpy as np
+
+    from moekit.offload.schedule import batch_accesses
+    from moekit.offload.simulate import expert_bytes_of, load_trace, replay_accesses
+
+    cases = []
+    for name in ("qwen", "gemma"):
+        path = traces_dir / f"{name}.route.csv"
+        if not path.exists():
+            print(f"skip {name}: {path} absent", file=sys.stderr)
+            continue
+        tr = load_trace(path)
+        ids = np.stack(tr.topk_ids).transpose(1, 0, 2)
+        budgets = {f"{m} MiB": m * MiB for m in budgets_mib}
+        cases.append((name, [_sched_requests(ids, segment, s) for s in range(seeds)], prompt, tr.num_experts,
+                      tr.top_k, expert_bytes_of(tr), budgets))
+    mix = [traces_dir / "mixtral" / f"experts_{c}_mixtral.json" for c in MIXTRAL_CATEGORIES]
+    if all(p.exists() for p in mix):
+        streams = [np.stack(load_trace(p).topk_ids).transpose(1, 0, 2) for p in mix]
+        L = streams[0].shape[1]
+        per_seed = []
+        for s in range(seeds):
+            rng = np.random.default_rng(100 + s)
+            reqs = []
+            for st in streams:
+                starts = rng.choice(st.shape[0] // 32, 8, replace=False)
+                reqs += [st[a * 32:(a + 1) * 32] for a in starts]
+            per_seed.append([reqs[i] for i in rng.permutation(len(reqs))])
+        eb = [MIXTRAL_EXPERT_BYTES] * L
+        cases.append(("mixtral-mixed", per_seed, 8, 8, 2, eb,
+                      {f"{n}/8 slots": n * L * MIXTRAL_EXPERT_BYTES for n in (4, 6)}))
+    out = {"segment_tokens": segment, "prompt_tokens": prompt, "batch": batch, "seeds": seeds, "traces": {}}
+    for name, per_seed, P, E, K, eb, budgets in cases:
+        res: dict = {}
+        for mode in SCHED_MODES:
+            distinct, rows = [], {f"{b}/{p}": [] for b in budgets for p in policies}
+            for reqs in per_seed:
+                work, _ = _sched_work(reqs, P, batch, mode, E)
+                acc = batch_accesses(reqs, work)
+                dec = [len(a.experts) for a in acc if a.phase == "decode"]
+                distinct.append(float(np.mean(dec)))
+                n_tok = sum(r.shape[0] - P for r in reqs)
+                for bname, bb in budgets.items():
+                    for p in policies:
+                        r = replay_accesses(acc, bb, eb, E, K, p, decode_tokens=n_tok)
+                        rows[f"{bname}/{p}"].append((r.hit_rate_decode, r.bytes_per_decode_token))
+            res[mode] = {"distinct_experts_per_pass_layer": float(np.mean(distinct)),
+                         **{k: {"hit_rate_decode": float(np.mean([h for h, _ in v])),
+                                "mib_per_decode_token": float(np.mean([b for _, b in v])) / MiB}
+                            for k, v in rows.items()}}
+        out["traces"][name] = {"requests": len(per_seed[0]), "budgets": list(budgets), "modes": res}
+        print(f"\n{name}: {len(per_seed[0])} requests of {per_seed[0][0].shape[0]} tokens ({P} prompt), batch "
+              f"{batch}, mean of {seeds} arrival orders; decode hit % (MiB read per decode token)")
+        head = f"{'mode':<12}{'distinct/pass/layer':>20}" + "".join(f"{k:>24}" for k in rows)
+        print(head)
+        print("-" * len(head))
+        for mode, d in res.items():
+            cells = "".join(f"{100 * d[k]['hit_rate_decode']:>15.1f} ({d[k]['mib_per_decode_token']:>5.1f})"
+                            for k in rows)
+            print(f"{mode:<12}{d['distinct_experts_per_pass_layer']:>20.2f}{cells}")
+    return out
+
+
 # --- target 2: end to end, disk -> RAM ----------------------------------------------------
 # The model: OLMoE's layout (every layer MoE, 64 experts, top-8, no shared expert), scaled so
 # that it runs in minutes on a 2-core box while its experts are several times the budget.
@@ -603,6 +732,9 @@ def main(argv=None) -> int:
     ap.add_argument("--traces", type=Path, default=REPO.parent / "shared" / "traces",
                     help="folder holding qwen.route.csv and gemma.route.csv (default: ../shared/traces)")
     ap.add_argument("--e2e", action="store_true", help="target 2: end to end disk -> RAM, moekit vs LRU vs accelerate")
+    ap.add_argument("--schedule", action="store_true",
+                    help="token scheduling: FIFO vs scheduled batches replayed on the traces (distinct experts, hits)")
+    ap.add_argument("--batch", type=int, default=SCHED_BATCH, help="with --schedule: requests per batch")
     ap.add_argument("--quick", action="store_true", help="with --e2e: a tiny model, a few tokens (smoke test)")
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/moekit-bench-offload"),
                     help="with --e2e: where the saved model, its store and accelerate's offload folder are kept")
@@ -622,9 +754,14 @@ def main(argv=None) -> int:
                           args.offload_dir, args.new_tokens, args.size)
         print(json.dumps(res))
         return 0
-    if args.replay == args.e2e:
-        ap.error("choose one mode: --replay or --e2e")
+    if args.replay + args.e2e + args.schedule != 1:
+        ap.error("choose one mode: --replay, --e2e or --schedule")
     t0 = time.time()
+    if args.schedule:
+        res = schedule_target(args.traces, batch=args.batch)
+        res["seconds"] = round(time.time() - t0, 1)
+        print(json.dumps({"bench": "offload_schedule", **res}))
+        return 0
     if args.e2e:
 
         print("command:", " ".join([Path(sys.executable).name, *sys.argv]))

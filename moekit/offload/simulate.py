@@ -24,7 +24,7 @@ import numpy as np
 from moekit.offload.cache import ExpertCache, PhaseStats
 from moekit.planner.traces import RoutingTrace, read_trace
 
-__all__ = ["Access", "SimResult", "accesses", "expert_bytes_of", "simulate", "replay_global_lru",
+__all__ = ["Access", "SimResult", "accesses", "expert_bytes_of", "simulate", "replay_accesses", "replay_global_lru",
            "replay_global_belady", "load_trace", "parse_bytes", "format_table"]
 
 MiB = 1 << 20
@@ -202,6 +202,37 @@ def simulate(trace: RoutingTrace, budget_bytes: int, policy: str = "predictive",
                 cache.prefetch(a.layer + 1, guess)
         prev_layer = a.experts
     n_dec = len({a.token for a in acc if a.phase == "decode"})
+    return _result(policy, budget_bytes, cache.stats, n_dec)
+
+
+def replay_accesses(acc: Sequence[Access], budget_bytes: int, expert_bytes: Sequence[int], num_experts: int,
+                    top_k: int, policy: str = "predictive", *, decode_tokens: Optional[int] = None,
+                    profile: Optional[np.ndarray] = None, streaming: bool = True) -> SimResult:
+    """Replay an access list built elsewhere (e.g. batched passes,
+    :func:`moekit.offload.schedule.batch_accesses`) through an :class:`ExpertCache` with
+    per-layer quotas, demand loads only; the same loop as :func:`simulate` without prefetch
+    (``predictive``: a :class:`~moekit.offload.predict.PathPredictor` learned online, ``static``:
+    the accesses' own counts unless ``profile``, ``belady``: the accesses' future).
+    ``decode_tokens``: tokens the decode accesses serve (default: distinct ``Access.token``)."""
+    from moekit.offload.predict import PathPredictor
+
+    L = len(expert_bytes)
+    acc = list(acc)
+    if policy == "static" and profile is None:
+        profile = _profile(acc, L, num_experts)
+    cache = ExpertCache(budget_bytes, expert_bytes, num_experts, top_k, policy=policy, profile=profile,
+                        future=_future(acc, L) if policy == "belady" else None, streaming=streaming)
+    predictor = PathPredictor(L, num_experts, top_k) if policy == "predictive" else None
+    prev_layer: tuple = ()
+    for a in acc:
+        cache.set_phase(a.phase)
+        if predictor is not None and a.phase == "decode":
+            cache.observe_prediction(a.layer, predictor.predict_next(a.layer, a.experts, prev_layer))
+        cache.access(a.layer, a.experts)
+        if predictor is not None and a.phase == "decode":
+            predictor.update(a.layer, a.experts, prev_layer)
+        prev_layer = a.experts
+    n_dec = decode_tokens if decode_tokens is not None else len({a.token for a in acc if a.phase == "decode"})
     return _result(policy, budget_bytes, cache.stats, n_dec)
 
 
