@@ -1,0 +1,259 @@
+"""Runs inside each spawned rank of tests/parallel/test_fssdp.py: the sparse collectives against a
+dense reference, and fssdp() training against the single-device model on the global batch."""
+from __future__ import annotations
+
+import copy
+import os
+import random
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from _harness import expect, record
+from moekit import MoEConfig, MoELayer
+from moekit.parallel import full_state_dict, load_full_state_dict
+from moekit.parallel.fssdp import (FSSDPError, Materialization, Traffic, attach_optimizer, fssdp, fssdp_state,
+                                   sparse_all_gather, sparse_reduce_scatter)
+from moekit.parallel.fssdp import ledger
+
+E, K, D, F_ = 8, 2, 8, 6
+DT = torch.float64
+
+
+# ---- sparse collectives -------------------------------------------------------------------------
+
+def _random_mat(rng: random.Random, W: int, E_: int) -> Materialization:
+    owners = [rng.randrange(W) for _ in range(E_)]
+    holders = []
+    for o in owners:
+        extra = {q for q in range(W) if rng.random() < 0.4}
+        holders.append(tuple(sorted(extra | {o})))
+    return Materialization(tuple(owners), tuple(holders), W)
+
+
+def _total(v: int) -> int:
+    t = torch.tensor([v], dtype=torch.long)
+    dist.all_reduce(t)
+    return int(t)
+
+
+def scenario_sparse(rank, W):
+    """Exact against dense references on 12 random placements; bytes = REFERENCE §2 formulas."""
+    rng = random.Random(1234)  # the same placements on every rank
+    E_ = 7
+    for trial in range(12):
+        mat = _random_mat(rng, W, E_)
+        if trial == 0:
+            mat = Materialization.owners_only([e % W for e in range(E_)], W)
+        full = torch.randint(-50, 50, (E_, 3, 2), generator=torch.Generator().manual_seed(trial)).to(DT)
+        owned, held = mat.owned(rank), mat.held(rank)
+        x_OX = full[owned].clone().requires_grad_()
+        tr = Traffic()
+        y_HX = sparse_all_gather(x_OX, mat, traffic=tr)
+        assert torch.equal(y_HX, full[held]), (trial, held)
+        p, b = 3 * 2, full.element_size()
+        assert _total(tr.bytes_sent) == ledger.spag_bytes(mat, p, b), trial
+        assert tr.bytes_received == ledger.inbound_bytes(mat, rank, p, b), trial
+        # spRS against a dense sum: every rank scatters its held rows into [E], all-reduce, owned rows
+        g_HX = torch.randint(-9, 9, (len(held), 3, 2), generator=torch.Generator().manual_seed(100 * trial + rank)).to(DT)
+        dense = torch.zeros(E_, 3, 2, dtype=DT)
+        dense[held] = g_HX
+        dist.all_reduce(dense)
+        tr2 = Traffic()
+        out = sparse_reduce_scatter(g_HX, mat, traffic=tr2)
+        assert torch.equal(out, dense[owned]), trial
+        # autograd: the gather's backward is the reduce-scatter
+        y_HX.backward(g_HX)
+        assert torch.equal(x_OX.grad, dense[owned]), trial
+        assert _total(tr2.bytes_sent) == ledger.sprs_bytes(mat, p, b), trial
+        # the backward counted one spRS into tr as well
+        assert _total(tr.bytes_sent) == ledger.spag_bytes(mat, p, b) + ledger.sprs_bytes(mat, p, b), trial
+    mat = Materialization.owners_only([0] * 4, W)
+    expect(ValueError, "owns", lambda: sparse_all_gather(torch.zeros(5, 2, dtype=DT), mat))
+    expect(ValueError, "ranks", lambda: sparse_all_gather(torch.zeros(0, 2), Materialization.owners_only([0], W + 1)))
+    expect(ValueError, "lacks the owner", lambda: Materialization((0,), ((1,),), 2))
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+class Net(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.moe1 = MoELayer(cfg)
+        self.mid = nn.Linear(D, D)
+        self.moe2 = MoELayer(cfg)
+
+    def forward(self, x):
+        return self.moe2(torch.tanh(self.mid(self.moe1(self.inp(x)))))
+
+
+def make_net(seed=0):
+    """Skewed routing: inputs with a positive mean, routers that favour experts 0 and 1."""
+    torch.manual_seed(seed)
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F_, num_experts=E, top_k=K)
+    net = Net(cfg).to(DT)
+    with torch.no_grad():
+        net.inp.weight.copy_(torch.eye(D) + 0.1 * torch.randn(D, D))
+        net.mid.bias.fill_(0.5)
+        for m in (net.moe1, net.moe2):
+            m.router.weight.normal_(0, 0.3)
+            m.router.weight[0] += 0.9
+            m.router.weight[1] += 0.6
+    return net
+
+
+def batch(W, seed=1):
+    counts = [[5, 0, 7, 1][r % 4] + 3 for r in range(W)]
+    counts[1 % W] = 0  # a rank without tokens
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(counts), D, generator=g, dtype=DT) + 0.8
+    gy = torch.randn(sum(counts), D, generator=g, dtype=DT)
+    bounds = [sum(counts[:r]) for r in range(W + 1)]
+    return x, gy, bounds
+
+
+def _compare(model, ref, tol, what):
+    full = full_state_dict(model.module)
+    for n, t in ref.state_dict().items():
+        torch.testing.assert_close(full[n], t, **tol, msg=lambda m: f"{what}: {n}: {m}")
+
+
+def _train(rank, W, opt_name, steps=5, check_bytes=False, **kw):
+    """``steps`` steps of fssdp(model) vs the reference on the global batch (mean of the ranks'
+    losses); returns (model, ref, optimizer)."""
+    ref = make_net()
+    model = fssdp(copy.deepcopy(ref), memory_cap=2, **kw)
+    ctl = fssdp_state(model)
+    mk = (lambda ps: torch.optim.SGD(ps, lr=0.2)) if opt_name == "sgd" else (lambda ps: torch.optim.Adam(ps, lr=1e-2))
+    opt_r, opt = mk(ref.parameters()), mk(model.parameters())
+    attach_optimizer(model, opt)
+    x, gy, bounds = batch(W)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    p = model.module.moe1.experts.elements_per_expert
+    replicas_seen = 0
+    for step in range(steps):
+        opt_r.zero_grad()
+        ((ref(x) * gy).sum() / W).backward()
+        opt_r.step()
+        opt.zero_grad()
+        before = (ctl.spag_traffic.bytes_sent, ctl.sprs_traffic.bytes_sent)
+        (model(x[lo:hi]) * gy[lo:hi]).sum().backward()
+        replicas_seen += sum(sum(c - 1 for c in m.copies_E) for m in ctl.mats)
+        if check_bytes:
+            fetches = 2 if kw.get("remat") else 1
+            got_ag = _total(ctl.spag_traffic.bytes_sent - before[0])
+            got_rs = _total(ctl.sprs_traffic.bytes_sent - before[1])
+            assert got_ag == fetches * sum(ledger.spag_bytes(m, p, 8) for m in ctl.mats), (step, got_ag)
+            assert got_rs == sum(ledger.sprs_bytes(m, p, 8) for m in ctl.mats), (step, got_rs)
+        opt.step()
+    assert replicas_seen > 0, "no expert was ever replicated: the test does not exercise P'"
+    tol = dict(rtol=1e-9, atol=1e-9) if opt_name == "sgd" else dict(rtol=1e-5, atol=1e-5)
+    _compare(model, ref, tol, f"after {steps} {opt_name} steps {kw}")
+    return model, ref, opt
+
+
+def scenario_train(rank, W):
+    for opt_name in ("sgd", "adam"):
+        _train(rank, W, opt_name, check_bytes=(opt_name == "sgd"))
+
+
+def scenario_remat(rank, W):
+    for opt_name in ("sgd", "adam"):
+        _train(rank, W, opt_name, check_bytes=(opt_name == "sgd"), remat=True)
+
+
+def scenario_reshard(rank, W):
+    """Re-sharding after steps 2 and 4 moves parameters and Adam state: training continues
+    identically; every rank owns the same total; the owners changed."""
+    for opt_name, remat in (("sgd", False), ("adam", True)):
+        model, ref, opt = _train(rank, W, opt_name, reshard_every=2, remat=remat)
+        ctl = fssdp_state(model)
+        start = [[e * W // E for e in range(E)]] * 2
+        assert ctl.owners != start, "re-sharding moved nothing"
+        totals = [sum(o.count(r) for o in ctl.owners) for r in range(W)]
+        assert max(totals) - min(totals) <= 1, totals
+        owned_here = sum(len(m.experts.owned_ids) for m in (model.module.moe1, model.module.moe2))
+        assert owned_here == totals[rank]
+        assert _total(ctl.move_traffic.bytes_sent) > 0
+
+
+def scenario_ledger(rank, W):
+    """Memory on each rank equals REFERENCE §2: owned weights + grads + Adam state (fp64: 8+8+16
+    bytes per element); replicas alive after forward = sum_l m_{l,d} p b_w (0 with remat)."""
+    for remat in (False, True):
+        model, ref, opt = _train(rank, W, "adam", steps=3, remat=remat)
+        ctl = fssdp_state(model)
+        layers = (model.module.moe1, model.module.moe2)
+        p = layers[0].experts.elements_per_expert
+        measured = 0
+        for m in layers:
+            for t in (m.experts.w_in, m.experts.w_out):
+                measured += t.numel() * t.element_size() + t.grad.numel() * t.grad.element_size()
+                measured += sum(v.numel() * v.element_size() for v in opt.state[t].values() if v.dim() > 0)
+        want = ledger.fssdp_memory(ctl.mats, rank, p, 8, 8, 16, remat)
+        assert measured == want.owned, (measured, want)
+        x, gy, bounds = batch(W)
+        y = model(x[bounds[rank]:bounds[rank + 1]])
+        live = sum(m.experts.live_materialized_bytes() for m in layers)
+        replica_weights = sum(len(m.replicas(rank)) for m in ctl.mats) * p * 8
+        assert live == (0 if remat else replica_weights), (remat, live, replica_weights)
+        assert want.materialized == (max if remat else sum)(len(m.replicas(rank)) for m in ctl.mats) * p * 16
+        y.sum().backward()
+
+
+def scenario_state_dict(rank, W):
+    """full_state_dict is independent of the owner map; load_full_state_dict into a model with
+    other owners gives the same full state dict and forward."""
+    model, ref, opt = _train(rank, W, "sgd", steps=2, reshard_every=1)
+    sd = full_state_dict(model.module)
+    other = fssdp(make_net(seed=7), memory_cap=1)
+    load_full_state_dict(other.module, sd)
+    sd2 = full_state_dict(other.module)
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k]), k
+    single = make_net(seed=9)
+    single.load_state_dict(sd)
+    x, gy, bounds = batch(W)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x[bounds[rank]:bounds[rank + 1]]), single(x)[bounds[rank]:bounds[rank + 1]],
+                                   rtol=1e-12, atol=1e-12)
+
+
+def scenario_disagree(rank, W):
+    """A rank whose loads (hence P') diverge: every rank raises FSSDPError at the next step."""
+    model = fssdp(make_net(), memory_cap=2)
+    ctl = fssdp_state(model)
+    x, gy, bounds = batch(W)
+    for _ in range(2):
+        model(x[bounds[rank]:bounds[rank + 1]]).sum().backward()
+    if rank == W - 1:
+        ctl.window.steps[-1][0, E - 1] += 1000
+    expect(FSSDPError, "different placements", lambda: model(x[bounds[rank]:bounds[rank + 1]]))
+
+
+def scenario_errors(rank, W):
+    expect(ValueError, "no MoELayer", lambda: fssdp(nn.Linear(2, 2)))
+    expect(ValueError, "overlap", lambda: fssdp(make_net(), overlap=-1))
+    expect(ValueError, "bandwidth", lambda: fssdp(make_net(), overlap="auto"))
+
+
+SCENARIOS = {"sparse": scenario_sparse, "train": scenario_train, "remat": scenario_remat,
+             "reshard": scenario_reshard, "ledger": scenario_ledger, "state_dict": scenario_state_dict,
+             "disagree": scenario_disagree, "errors": scenario_errors}
+
+
+def run(rank, W, port, names, out_dir):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
+                            timeout=timedelta(seconds=120))
+    try:
+        for name in names:
+            record(out_dir, name, rank, lambda: SCENARIOS[name](rank, W))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
