@@ -14,6 +14,12 @@ examples:
   moekit run --model ./olmoe --budget 2GiB --prompt "The capital of France is"
   moekit run --model ./qwen-moe --budget auto --prompt-ids 5,17,42 --max-new-tokens 16 --json
   moekit run --model ./mixtral --budget 500MiB --page-cache drop --policy lru --prompt "Hi"
+  moekit run --model ./olmoe --budget 2GiB --prompts-file prompts.txt --batch-size 4 --schedule similar
+
+Several prompts (--prompts-file: one text prompt per line; --prompt-ids-file: one line of
+comma-separated token ids per prompt) run batch-size at a time, left-padded; --schedule similar
+groups prompts whose predicted routes (each MoE layer's router on the prompt's embeddings) are
+alike, so each batch needs fewer distinct experts; fifo keeps the file's order.
 
 The first run converts the checkpoint's experts into an expert store (one blob per expert,
 with a progress bar) in MODEL_DIR.moekit-experts next to the model, or in --store DIR; later
@@ -51,6 +57,15 @@ def add_parser(subparsers, name: str = "run", help_text: str = "generate with an
     src.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the model's tokenizer in --model)")
     src.add_argument("--prompt-ids", metavar="IDS",
                      help="prompt as comma-separated token ids, e.g. 5,17,42 (no tokenizer needed)")
+    src.add_argument("--prompts-file", metavar="FILE",
+                     help="several prompts, one text prompt per non-empty line (needs the model's tokenizer)")
+    src.add_argument("--prompt-ids-file", metavar="FILE",
+                     help="several prompts, one line of comma-separated token ids each (no tokenizer needed)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="B",
+                   help="with --prompts-file / --prompt-ids-file: prompts generated together per batch (default: 4)")
+    p.add_argument("--schedule", choices=["similar", "fifo"], default="similar",
+                   help="with several prompts: 'similar' batches prompts whose predicted routes are alike (fewer "
+                        "distinct experts per batch), 'fifo' keeps the file's order (default: similar)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="tokens to generate, greedily (default: 32)")
     p.add_argument("--store", default=None, metavar="DIR",
@@ -129,6 +144,28 @@ def run(args) -> int:
             return _err(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
         if not ids or min(ids) < 0:
             return _err(f"--prompt-ids must be non-negative token ids, got {args.prompt_ids!r}")
+    many = None
+    if args.prompt_ids_file is not None or args.prompts_file is not None:
+        if args.batch_size < 1:
+            return _err(f"--batch-size must be >= 1, got {args.batch_size}")
+        path = Path(args.prompt_ids_file or args.prompts_file)
+        try:
+            lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        except OSError as exc:
+            return _err(f"cannot read {path}: {exc.strerror or exc}")
+        if not lines:
+            return _err(f"{path}: no prompts (one per non-empty line)")
+        many = lines
+        if args.prompt_ids_file is not None:
+            many = []
+            for i, ln in enumerate(lines, 1):
+                try:
+                    row = [int(t) for t in ln.replace(" ", "").split(",") if t != ""]
+                except ValueError:
+                    return _err(f"--prompt-ids-file {path}, prompt {i}: not comma-separated integers: {ln[:60]!r}")
+                if not row or min(row) < 0:
+                    return _err(f"--prompt-ids-file {path}, prompt {i}: needs non-negative token ids")
+                many.append(row)
     horizon = args.horizon.strip().lower()
     if horizon != "auto":
         try:
@@ -144,20 +181,28 @@ def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         return _err("--device cuda: torch sees no CUDA device")
     tokenizer = None
-    if args.prompt is not None:
+    if args.prompt is not None or args.prompts_file is not None:
+        flag = "--prompt" if args.prompt is not None else "--prompts-file"
+        alt = "--prompt-ids" if args.prompt is not None else "--prompt-ids-file"
         if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
-            return _err(f"--prompt needs a tokenizer in {model_dir} (none of {', '.join(TOKENIZER_FILES)}); "
-                        f"give token ids with --prompt-ids instead")
+            return _err(f"{flag} needs a tokenizer in {model_dir} (none of {', '.join(TOKENIZER_FILES)}); "
+                        f"give token ids with {alt} instead")
         try:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         except Exception as exc:  # no tokenizer files, or one transformers cannot load
-            return _err(f"--prompt needs a tokenizer in {model_dir} ({type(exc).__name__}: {exc}); "
-                        f"give token ids with --prompt-ids instead")
-        ids = tokenizer(args.prompt)["input_ids"]
-        if not ids:
-            return _err("--prompt encodes to no tokens")
+            return _err(f"{flag} needs a tokenizer in {model_dir} ({type(exc).__name__}: {exc}); "
+                        f"give token ids with {alt} instead")
+        if args.prompt is not None:
+            ids = tokenizer(args.prompt)["input_ids"]
+            if not ids:
+                return _err("--prompt encodes to no tokens")
+        else:
+            texts = many
+            many = [tokenizer(t)["input_ids"] for t in texts]
+            if any(not m for m in many):
+                return _err(f"--prompts-file: prompt {next(i for i, m in enumerate(many, 1) if not m)} encodes to no tokens")
 
     from moekit.offload.runner import auto_budget, load_offloaded  # noqa: F401
     from moekit.offload.store import StoreError
@@ -172,7 +217,7 @@ def run(args) -> int:
                             tier=args.tier, page_cache=args.page_cache, verify=not args.no_verify,
                             progress=progress, prefetch=args.prefetch, horizon=horizon,
                             miss_model=None if args.miss_model == "off" else args.miss_model)
-        if not args.no_predict and om.rates is None:
+        if many is None and not args.no_predict and om.rates is None:
             om.calibrate()
     except StoreError as exc:
         return _err(str(exc))
@@ -183,6 +228,8 @@ def run(args) -> int:
         return _err(msg)
     try:
         try:
+            if many is not None:
+                return _run_many(args, om, many, tokenizer)
             result = om.generate(torch.tensor([ids], dtype=torch.long), max_new_tokens=args.max_new_tokens)
         except (ValueError, StoreError) as exc:
             return _err(str(exc))
@@ -221,4 +268,32 @@ def run(args) -> int:
           f"read {_size(m['bytes_read'])} from the store: {_size(m['bytes_read_per_token'])} per token")
     print(f"expert weights held: peak {_size(m['peak_expert_bytes'])} of a {_size(m['budget_bytes'])} budget "
           f"(minimum {_size(m['min_budget_bytes'])}; all experts {_size(m['expert_bytes_total'])})")
+    return 0
+
+
+def _run_many(args, om, prompts: list, tokenizer) -> int:
+    """Several prompts through :meth:`OffloadedModel.generate_many` (batched, scheduled or FIFO)."""
+    r = om.generate_many(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         schedule=args.schedule)
+    m = r.metrics
+    if args.json:
+        reqs = [{"prompt_ids": p, "generated_ids": g} for p, g in zip(prompts, r.generated_ids)]
+        if tokenizer is not None:
+            for q in reqs:
+                q["text"] = tokenizer.decode(q["generated_ids"], skip_special_tokens=True)
+        print(json.dumps({"requests": reqs, "batches": r.batches, "model": str(om.model_dir),
+                          "store": str(om.store_dir), "device": args.device, "tier": args.tier, **m}))
+        return 0
+    for i, (p, g) in enumerate(zip(prompts, r.generated_ids)):
+        shown = tokenizer.decode(g, skip_special_tokens=True) if tokenizer is not None else ",".join(map(str, g))
+        print(f"[{i}] {shown}")
+    print(f"{m['num_requests']} prompts in {m['num_batches']} batches of up to {m['batch_size']} ({m['schedule']}): "
+          f"{' '.join('[' + ','.join(map(str, b)) + ']' for b in r.batches)}")
+    pred = m["predicted_distinct_experts"]
+    print(f"tokens/s {_num(m['tokens_per_s'])}, {m['new_tokens']} new tokens in {m['seconds']:.2f} s; distinct experts "
+          f"per decode step and layer {_num(m['distinct_experts_per_decode_pass'])}"
+          + (f" (predicted per batch {_num(pred)})" if pred is not None else ""))
+    print(f"hit rate prefill {_pct(m['hit_rate_prefill'])}, decode {_pct(m['hit_rate_decode'])}, policy {m['policy']}; "
+          f"read {_size(m['bytes_read'])}, {_size(m['bytes_per_decode_token'])} per decode token; expert weights "
+          f"held: peak {_size(m['peak_expert_bytes'])} of a {_size(m['budget_bytes'])} budget")
     return 0

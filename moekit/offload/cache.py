@@ -221,6 +221,14 @@ class ExpertCache:
             res.add(e)
             self._bytes_used += self.expert_bytes[layer]
             out.misses.append(e)
+        if len(need) > quota and not self.streaming:
+            # the streamed experts pass through the layer's last slot: free it of residents this access
+            # does not use (several tokens' experts, e.g. a batch, after other experts were kept)
+            while len(res) > quota - 1:
+                worst = self._victim(layer, protect=set(need))
+                if worst is None:
+                    break
+                self._evict(layer, worst, out)
         out.hits = hits
         was = self._was_resident
         loaded_stream = [e for e in out.streamed if e not in was]

@@ -34,7 +34,7 @@ from torch import nn
 from moekit.offload.experts import ExpertWeights, OffloadedExperts, OffloadRuntime
 from moekit.offload.store import RamStore, StoreError, ensure_store, open_store
 
-__all__ = ["OffloadedModel", "GenerationResult", "load_offloaded", "auto_budget", "free_memory_bytes"]
+__all__ = ["OffloadedModel", "GenerationResult", "ManyResult", "load_offloaded", "auto_budget", "free_memory_bytes"]
 
 MiB = 1 << 20
 
@@ -96,6 +96,18 @@ class GenerationResult:
 
     generated_ids: list[list[int]]
     sequences: torch.Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ManyResult:
+    """:meth:`OffloadedModel.generate_many`: ``generated_ids`` per request in the order given;
+    ``batches``: request indices per batch, in run order; ``batch_metrics``: each batch's
+    :meth:`OffloadedModel.generate` metrics; ``metrics``: the whole call (see ``generate_many``)."""
+
+    generated_ids: list[list[int]]
+    batches: list[list[int]]
+    batch_metrics: list[dict[str, Any]]
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -195,6 +207,121 @@ class OffloadedModel:
         new = sequences[:, input_ids.shape[1]:].cpu()
         metrics = self._metrics(before, self._counters(), input_ids, new, t0, t1)
         return GenerationResult(generated_ids=new.tolist(), sequences=sequences.cpu(), metrics=metrics)
+
+    @torch.no_grad()
+    def route_signatures(self, prompts: Sequence[Sequence[int]], top_n: Optional[int] = None):
+        """Bool ``[R, L, E]``: each prompt's predicted experts per MoE layer, training-free and without
+        reading an expert: every MoE layer's router applied to the prompt's token embeddings ``[T, D]``
+        (normalised by that decoder layer's ``post_attention_layernorm`` when it has one), i.e. the
+        look-ahead predictor (:func:`~moekit.offload.predict.lookahead_topk`) from the model's input;
+        per layer the ``top_n`` experts most of the prompt's tokens pick (default ``2 * top_k``: the
+        union over a long prompt would hold nearly every expert and tell prompts apart poorly)."""
+        import numpy as np
+
+        from moekit.layer import moe_layers
+        from moekit.offload.schedule import route_sets
+
+        found = list(moe_layers(self.model))
+        emb = self.model.get_input_embeddings()
+        modules = dict(self.model.named_modules())
+        E = self.store.index.num_experts
+        K = self.store.index.top_k
+        out = np.zeros((len(prompts), len(found), E), dtype=bool)
+        for r, ids in enumerate(prompts):
+            x_TD = emb(torch.as_tensor(list(ids), dtype=torch.long, device=self.device))
+            ids_LTK = []
+            for name, layer in found:
+                parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+                norm = getattr(parent, "post_attention_layernorm", None)
+                h_TD = norm(x_TD) if norm is not None else x_TD * torch.rsqrt(x_TD.pow(2).mean(-1, keepdim=True) + 1e-6)
+                ids_LTK.append(layer.router(h_TD.to(layer.router.weight.dtype)).topk_ids_TK.cpu().numpy())
+            out[r] = route_sets(np.stack(ids_LTK, axis=1), E, top_n=top_n or 2 * K)
+        return out
+
+    def generate_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, batch_size: int = 4,
+                      schedule: str = "similar", signatures=None, **generate_kwargs: Any) -> ManyResult:
+        """Greedy generation for several prompts (token-id lists), ``batch_size`` at a time: each batch
+        is one :meth:`generate` call (transformers' own, prompts left-padded, attention mask over the
+        padding), so every request's tokens are what transformers' ``generate`` gives for that batch.
+
+        ``schedule``: ``"similar"`` (:func:`moekit.offload.schedule.schedule` on the predicted routes,
+        ``signatures`` ``[R, L, E]`` or by default :meth:`route_signatures`: requests whose routes look
+        alike share a batch, so a batch needs fewer distinct experts) or ``"fifo"`` (the order given).
+
+        ``metrics``: ``num_requests``, ``num_batches``, ``batch_size``, ``schedule``, ``new_tokens`` (real
+        requests' tokens), ``seconds``, ``tokens_per_s``, ``hit_rate_prefill`` / ``_decode``,
+        ``bytes_read``, ``bytes_per_decode_token`` (decode bytes / decode tokens of all rows),
+        ``distinct_experts_per_decode_pass`` (measured: mean distinct experts a decode step of a batch
+        needed per MoE layer), ``predicted_distinct_experts`` (the signatures' union per batch and
+        layer, mean), ``schedule_seconds`` (signatures + scheduling), ``peak_expert_bytes``,
+        ``budget_bytes``."""
+        import numpy as np
+
+        from moekit.offload import schedule as S
+
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if schedule not in S.METHODS:
+            raise ValueError(f"schedule must be one of {S.METHODS}, got {schedule!r}")
+        t0 = time.perf_counter()
+        sig = None
+        if schedule == "similar" or signatures is not None:
+            sig = np.asarray(signatures, dtype=bool) if signatures is not None else self.route_signatures(prompts)
+            if sig.shape[0] != len(prompts):
+                raise ValueError(f"signatures must be [R={len(prompts)}, L, E], got {sig.shape}")
+        batches = S.schedule(sig, batch_size, schedule) if schedule == "similar" else \
+            S.fifo_batches(len(prompts), batch_size)
+        t_sched = time.perf_counter() - t0
+        pad = getattr(self.model.generation_config, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.model.generation_config, "eos_token_id", None) or 0
+        pad = pad[0] if isinstance(pad, (list, tuple)) else int(pad)
+        generate_kwargs.setdefault("pad_token_id", pad)
+        before = self._counters()
+        peak = 0
+        out: list[Optional[list[int]]] = [None] * len(prompts)
+        per_batch = []
+        t1 = time.perf_counter()
+        for b in batches:
+            n = max(len(prompts[r]) for r in b)
+            ids = torch.full((len(b), n), pad, dtype=torch.long)
+            mask = torch.zeros((len(b), n), dtype=torch.long)
+            for i, r in enumerate(b):             # left padding: every row's last token is real
+                ids[i, n - len(prompts[r]):] = torch.tensor(prompts[r])
+                mask[i, n - len(prompts[r]):] = 1
+            res = self.generate(ids, max_new_tokens=max_new_tokens, attention_mask=mask.to(self.device),
+                                **generate_kwargs)
+            for i, r in enumerate(b):
+                out[r] = res.generated_ids[i]
+            per_batch.append(res.metrics)
+            peak = max(peak, res.metrics["peak_expert_bytes"])
+        seconds = time.perf_counter() - t1
+        d = {k: v - before[k] for k, v in self._counters().items()}
+
+        def rate(ph):
+            req = d[f"{ph}_hits"] + d[f"{ph}_misses"] + d[f"{ph}_streamed"]
+            return d[f"{ph}_hits"] / req if req else None
+
+        new_tokens = sum(len(o) for o in out)
+        decode_rows = sum(len(b) * max(m["new_tokens"] // max(m["batch"], 1) - 1, 0) for b, m in zip(batches, per_batch))
+        dec_req = d["decode_hits"] + d["decode_misses"] + d["decode_streamed"]
+        metrics = {
+            "num_requests": len(prompts), "num_batches": len(batches), "batch_size": batch_size, "schedule": schedule,
+            "new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": new_tokens / seconds if seconds > 0 else None,
+            "hit_rate_prefill": rate("prefill"), "hit_rate_decode": rate("decode"),
+            "bytes_read": int(d["bytes_read"]),
+            "bytes_per_decode_token": (d["decode_bytes_loaded"] + d["decode_prefetch_bytes"]) / decode_rows
+            if decode_rows else None,
+            "distinct_experts_per_decode_pass": dec_req / d["decode_accesses"] if d["decode_accesses"] else None,
+            "predicted_distinct_experts": float(S.batch_costs(sig, batches).mean() / sig.shape[1])
+            if sig is not None else None,
+            "schedule_seconds": t_sched, "peak_expert_bytes": int(peak), "budget_bytes": int(self.budget_bytes),
+            "policy": self.cache.policy_name,
+        }
+        return ManyResult(generated_ids=out, batches=batches, batch_metrics=per_batch, metrics=metrics)  # type: ignore[arg-type]
 
     def _counters(self) -> dict[str, Any]:
         st = self.cache.stats

@@ -18,6 +18,24 @@ def test_min_budget_refused_with_minimum_stated():
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "static", "predictive"])
+def test_streamed_access_leaves_the_scratch_slot_free(policy):
+    """More experts than the quota (a batch's tokens) after other experts were kept: residents the
+    access does not use go, so that kept + one streamed expert at a time fit the quota (found by
+    batched generation at the minimum budget, where the held weights went one expert over)."""
+    c = ExpertCache(2 * 10, [10], 8, 2, policy=policy, profile=np.ones((1, 8)))
+    c.access(0, [0, 1])
+    assert c.resident(0) == ({0} if policy == "static" else {0, 1})   # static pins quota - 1
+    r = c.access(0, [2, 3, 4])
+    assert len(c.resident(0)) <= c.quotas[0] - 1          # one slot free for the streamed ones
+    assert set(r.misses) | set(r.streamed) == {2, 3, 4}
+    held = len(c.resident(0)) + 1                          # kept + the streamed expert in flight
+    assert held * 10 <= c.budget_bytes
+    r = c.access(0, [0, 2, 5])                             # a hit among them is kept or streamed, never lost
+    assert set(r.hits) | set(r.misses) | set(r.streamed) == {0, 2, 5}
+    assert len(c.resident(0)) <= c.quotas[0] - 1
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "static", "predictive"])
 def test_budget_and_quotas_never_exceeded(policy):
     rng = random.Random(0)
     eb = [100, 150, 80]

@@ -78,3 +78,35 @@ def test_every_flag_has_help():
     assert {f.option_strings[0] for f in flags} >= {"--model", "--budget", "--device", "--policy", "--prompt",
                                                    "--prompt-ids", "--max-new-tokens", "--store", "--json"}
     assert all(a.help and len(a.help) > 15 for a in flags)
+
+
+def test_prompt_ids_file_batched_and_scheduled(model, tmp_path, capsys):
+    """--prompt-ids-file: every prompt's tokens equal transformers' generate on it alone, scheduled
+    batches or FIFO."""
+    d, want = model
+    ref = load_reference(d)
+    prompts = [PROMPT, [7, 7, 7, 7], PROMPT[3:] + [5], [7, 7, 8, 7, 7], [90, 3, 44]]
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(",".join(map(str, p)) for p in prompts) + "\n\n")
+    expect = [hf_generate(ref, p, 6) for p in prompts]
+    assert expect[0] == want[:6]
+    for sched in ("similar", "fifo"):
+        rc, out, _ = _run(capsys, "--model", d, "--budget", "1GiB", "--prompt-ids-file", f, "--batch-size", 2,
+                          "--schedule", sched, "--max-new-tokens", 6, "--json")
+        assert rc == 0
+        res = json.loads(out)
+        assert [q["generated_ids"] for q in res["requests"]] == expect
+        assert [q["prompt_ids"] for q in res["requests"]] == prompts
+        assert sorted(i for b in res["batches"] for i in b) == list(range(5)) and res["schedule"] == sched
+        assert res["peak_expert_bytes"] <= res["budget_bytes"]
+    assert res["batches"] == [[0, 1], [2, 3], [4]]
+    rc, out, _ = _run(capsys, "--model", d, "--budget", "1GiB", "--prompt-ids-file", f, "--max-new-tokens", 6)
+    assert rc == 0 and out.startswith("[0] " + ",".join(map(str, expect[0]))) and "distinct experts" in out
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1,2\n3,x\n")
+    rc, _, err = _run(capsys, "--model", d, "--prompt-ids-file", bad)
+    assert rc == 2 and "prompt 2" in err and err.count("\n") == 1
+    rc, _, err = _run(capsys, "--model", d, "--prompts-file", f)
+    assert rc == 2 and "--prompts-file needs a tokenizer" in err
+    rc, _, err = _run(capsys, "--model", d, "--prompt-ids-file", f, "--batch-size", 0)
+    assert rc == 2 and "--batch-size" in err
