@@ -21,7 +21,9 @@ rank sends to a different peer), so the link never idles while pieces remain.
 - ``overlap="fine"`` (Comet): stages follow the dependencies of single pieces: this rank's own
   rows first (they need no communication), then each peer's blocks in the order they are due
   to arrive; each piece waits only for its own source and its results are sent back to that
-  source at once, so the combine of early pieces overlaps the compute of later ones. Comet
+  source at once, so the combine of early pieces overlaps the compute of later ones. The own
+  rows are cut in at least two blocks, a head computed first and a tail computed last, while
+  the last peer's results are still on the wire (otherwise that return is never hidden). Comet
   splits the combine GEMM by column blocks; with the experts computed as one black-box call
   per piece the same effect comes from row blocks per destination (B), which keeps the
   experts' own fused kernels and backward.
@@ -39,9 +41,11 @@ rows any rank exchanges, rounded up to a power of two, all-reduced so every rank
 key) and reuses it without retuning; a new key tunes again. This is Comet's adaptive workload
 assignment at the granularity Python can control: how the work is cut and ordered.
 
-On GPUs the point-to-point ops run on NCCL's stream and ``wait`` only makes the compute stream
-wait for them, so pieces overlap without host syncs; on CPUs gloo moves the bytes on its own
-threads while the main thread computes. Placements with replicas and capacity drops work as in
+On CPUs gloo moves the bytes on its own threads while the main thread computes (the link waits,
+the cores compute). Only gloo groups are accepted: NCCL matches point-to-point messages per pair
+in issue order (no tags) on one stream per communicator, which this posting order (every
+receive first) would deadlock; an NCCL version needs grouped waves (``batch_isend_irecv``) on a
+side stream and is refused with an error until it exists. Placements with replicas and capacity drops work as in
 the reference; ``ranks_per_node`` (2DH) does not combine with overlap (refused).
 """
 from __future__ import annotations
@@ -86,21 +90,27 @@ class ExchangePlan:
     recv_WS: list[list[int]]
     B: int
     device: torch.device
+    B_local: Optional[int] = None  # blocks of this rank's own rows (default B)
     _send_idx: dict = field(default_factory=dict)
 
     @property
     def W(self) -> int:
         return len(self.send_WS)
 
+    def blocks(self, q: int) -> int:
+        return self.B_local if q == self.rank and self.B_local else self.B
+
     def recv_counts_S(self, q: int, j: int) -> list[int]:
         """Per-slot rows of piece (q, j) on the receiving (expert) side."""
-        return [_block(n, j, self.B)[1] - _block(n, j, self.B)[0] for n in self.recv_WS[q]]
+        B = self.blocks(q)
+        return [_block(n, j, B)[1] - _block(n, j, B)[0] for n in self.recv_WS[q]]
 
     def recv_rows(self, q: int, j: int) -> int:
         return sum(self.recv_counts_S(q, j))
 
     def send_rows(self, q: int, j: int) -> int:
-        return sum(_block(n, j, self.B)[1] - _block(n, j, self.B)[0] for n in self.send_WS[q])
+        B = self.blocks(q)
+        return sum(_block(n, j, B)[1] - _block(n, j, B)[0] for n in self.send_WS[q])
 
     def send_index(self, q: int, j: int) -> torch.Tensor:
         """Positions in the send buffer [R] of piece (q, j)'s rows (slot order)."""
@@ -109,7 +119,7 @@ class ExchangePlan:
             base = sum(sum(r) for r in self.send_WS[:q])
             parts = []
             for n in self.send_WS[q]:
-                lo, hi = _block(n, j, self.B)
+                lo, hi = _block(n, j, self.blocks(q))
                 if hi > lo:
                     parts.append(torch.arange(base + lo, base + hi))
                 base += n
@@ -121,12 +131,21 @@ class ExchangePlan:
         return max(sum(map(sum, self.send_WS)), sum(map(sum, self.recv_WS)))
 
 
+def local_blocks(mode: str, B: int) -> int:
+    """Blocks of a rank's own rows: B when chunked; for "fine" at least 2, a head computed while
+    the peers' rows arrive and a tail computed while the last results travel back."""
+    return B if mode == "chunked" else max(B, 2)
+
+
 def stages(mode: str, W: int, rank: int, B: int) -> list[list[tuple[int, int]]]:
     """The compute stages, each a list of pieces (peer, block), in execution order."""
-    ring_in = [(rank - k) % W for k in range(1, W)]  # r-1 sends to r first, then r-2, ...
     if mode == "chunked":
         return [[(q, j) for q in range(W)] for j in range(B)]
-    return [[(rank, j)] for j in range(B)] + [[(q, j)] for q in ring_in for j in range(B)]
+    ring_in = [(rank - k) % W for k in range(1, W)]  # r-1 sends to r first, then r-2, ...
+    L = local_blocks(mode, B)
+    head = [[(rank, j)] for j in range((L + 1) // 2)]
+    tail = [[(rank, j)] for j in range((L + 1) // 2, L)]
+    return head + [[(q, j)] for q in ring_in for j in range(B)] + tail
 
 
 def _ring_out(W: int, rank: int) -> list[int]:
@@ -146,10 +165,9 @@ class _Pipeline:
 
     def __init__(self, plan: ExchangePlan, stage_list, group, timeout: timedelta, what: str, mode: str = "both"):
         self.plan, self.stages, self.group, self.timeout, self.what, self.mode = plan, stage_list, group, timeout, what, mode
-        # between two ranks, block j's dispatch message has tag 2j and its returned results 2j+1
-        self.tag_of = {(q, j): 2 * j for q in range(plan.W) for j in range(plan.B)}
 
     def run(self, rows_RD: torch.Tensor, compute: Callable, D_out: int) -> torch.Tensor:
+        # between two ranks, block j's dispatch message has tag 2j and its returned results 2j+1
         plan, rank, W = self.plan, self.plan.rank, self.plan.W
         comm_on = self.mode != "comp"
         D = rows_RD.shape[-1]
@@ -162,19 +180,21 @@ class _Pipeline:
             n_in, n_back = plan.recv_rows(q, j), plan.send_rows(q, j)
             if n_in:
                 buf = rows_RD.new_empty(n_in, D) if comm_on else rows_RD.new_zeros(n_in, D)
-                work = dist.irecv(buf, group=self.group, group_src=q, tag=self.tag_of[(q, j)]) if comm_on else None
+                work = dist.irecv(buf, group=self.group, group_src=q, tag=2 * j) if comm_on else None
                 inbound[(q, j)] = (buf, work)
             if n_back:
                 buf = rows_RD.new_empty(n_back, D_out)
-                work = dist.irecv(buf, group=self.group, group_src=q, tag=self.tag_of[(q, j)] + 1) if comm_on else None
+                work = dist.irecv(buf, group=self.group, group_src=q, tag=2 * j + 1) if comm_on else None
                 returns[(q, j)] = (buf, work)
-        if comm_on:
-            for j in range(plan.B):
-                for q in _ring_out(W, rank):
-                    if plan.send_rows(q, j):
+        if comm_on:  # in the order the receivers consume: block-major when chunked, peer-major when fine
+            chunked = any(len(st) > 1 for st in self.stages)
+            order = ([(q, j) for j in range(plan.B) for q in _ring_out(W, rank)] if chunked else
+                     [(q, j) for q in _ring_out(W, rank) for j in range(plan.B)])
+            for q, j in order:
+                if plan.send_rows(q, j):
                         piece_rows = rows_RD.index_select(0, plan.send_index(q, j))
                         outbound.append((dist.isend(piece_rows, group=self.group, group_dst=q,
-                                                    tag=self.tag_of[(q, j)]), piece_rows))
+                                                    tag=2 * j), piece_rows))
         out_RD = rows_RD.new_zeros(rows_RD.shape[0], D_out)
         for i, stage in enumerate(self.stages):
             xs, counts = [], []
@@ -203,7 +223,7 @@ class _Pipeline:
                 elif comm_on:
                     y_piece = y_piece.contiguous()
                     outbound.append((dist.isend(y_piece, group=self.group, group_dst=q,
-                                                tag=self.tag_of[(q, j)] + 1), y_piece))
+                                                tag=2 * j + 1), y_piece))
         for (q, j), (buf, work) in returns.items():
             if work is not None:
                 comm.wait(work, self.timeout, f"{self.what}: results of piece {(q, j)} from rank {q}")
@@ -338,6 +358,13 @@ class OverlapDispatcher(AllToAllDispatcher):
             raise ValueError(f"overlap={overlap!r}: expected one of {OVERLAP_MODES}")
         if chunks != "auto" and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
             raise ValueError(f"chunks={chunks!r}: expected 'auto' or an int >= 1")
+        backend = dist.get_backend(group)
+        if backend != "gloo":
+            # NCCL matches point-to-point ops per pair in issue order without tags and runs them
+            # on one stream per communicator: the posting order here (every receive first) would
+            # deadlock there; refuse rather than hang
+            raise NotImplementedError(f"expert_parallel(overlap={overlap!r}) runs on gloo process groups; this "
+                                      f"group's backend is {backend!r} (use overlap='none' there)")
         self.overlap, self.chunks = overlap, chunks
         self.tuner = ChunkTuner(CANDIDATES[overlap]) if chunks == "auto" else None
         self.last_chunks: Optional[int] = None
@@ -362,7 +389,8 @@ class OverlapDispatcher(AllToAllDispatcher):
     def plan(self, x_TD: torch.Tensor, routing: Routing, chunks: int):
         """(x_sorted [R, D], order_N, ExchangePlan) for ``chunks`` blocks: for benchmarks."""
         x_sorted, order_N, send_WS, recv_WS = self._exchange_counts(x_TD, routing)
-        return x_sorted, order_N, ExchangePlan(self.rank, send_WS, recv_WS, chunks, x_TD.device)
+        return x_sorted, order_N, ExchangePlan(self.rank, send_WS, recv_WS, chunks, x_TD.device,
+                                               local_blocks(self.overlap, chunks))
 
     def run(self, x_TD: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
         """x_TD [T, D] -> y_TD [T, D]: the layer's dispatch -> experts -> combine, pipelined."""
@@ -379,7 +407,7 @@ class OverlapDispatcher(AllToAllDispatcher):
             if B is None:
                 index, B = self.tuner.trial(key)
         self.last_chunks = B
-        plan = ExchangePlan(self.rank, send_WS, recv_WS, B, x_TD.device)
+        plan = ExchangePlan(self.rank, send_WS, recv_WS, B, x_TD.device, local_blocks(self.overlap, B))
         stage_list = stages(self.overlap, self.placement.world_size, self.rank, B)
         t0 = time.perf_counter()
         y_sorted = self.block(x_sorted, experts, plan, stage_list)
