@@ -59,6 +59,7 @@ from moekit.parallel.overlap import CANDIDATES, stages  # noqa: E402
 SHAPES = {
     "mixtral": dict(hidden_size=512, ffn_hidden_size=1792, num_experts=8, top_k=2, T=1024),
     "qwen2": dict(hidden_size=512, ffn_hidden_size=352, num_experts=60, top_k=4, T=768),
+    "tiny": dict(hidden_size=32, ffn_hidden_size=48, num_experts=4, top_k=2, T=24),  # --smoke only
 }
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", "MALLOC_TOP_PAD_": "1073741824"}
 
@@ -218,6 +219,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--quick", action="store_true", help="mixtral only, W=2, 3 reps")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny layer, W=2, 1 rep, 200mbit (or loopback where no shaped link can be built): "
+                        "checks the script runs, measures nothing")
     p.add_argument("--loopback", action="store_true", help="no shaped link: ranks on 127.0.0.1 (overlap is noise)")
     p.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -227,6 +231,8 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.shapes, args.worlds, args.reps = "mixtral", "2", 3
+    if args.smoke:
+        args.shapes, args.worlds, args.reps, args.rates = "tiny", "2", 1, "200mbit"
     # every setting runs under the same allocator settings: the README's CPU-allocator ones
     # (glibc keeps freed blocks instead of page-faulting them in again each call)
     for k, v in ALLOCATOR_ENV.items():
@@ -236,6 +242,9 @@ def main(argv=None) -> int:
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.platform()}")
     from shaped_link import available, launch
     ok, why = available()
+    if not ok and args.smoke:
+        print(f"shaped link unavailable ({why}): smoke run on loopback")
+        args.loopback = True
     if not ok and not args.loopback:
         print(f"shaped link unavailable ({why}); rerun with --loopback to measure on loopback (noise on small boxes)")
         print(json.dumps({"bench": "overlap", "skipped": why}))

@@ -68,3 +68,17 @@ def test_bench_offload_e2e_quick_runs_every_variant():
     assert summary["variants"]["lru"]["options"]["policy"] == "lru"
     assert summary["variants"]["accelerate"]["accelerate_param_bytes_offloaded"] > 0  # it did offload
     assert set(summary["ratios"]) >= {"moekit_over_lru", "moekit_over_accelerate"}
+
+
+def test_bench_overlap_smoke_reports_every_scheme():
+    """``bench_overlap.py --smoke``: a tiny layer at W=2 (shaped link where it can be built, else
+    loopback): every scheme and chunk count timed, the three times and the hidden fraction each."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_overlap.py"), "--smoke"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["bench"] == "overlap" and len(summary["results"]) == 1
+    res = summary["results"][0]
+    for scheme in ("chunked", "fine"):
+        assert res[scheme]["auto_chose"] in (1, 2, 4, 8)
+        assert res[scheme]["best_fixed_fwd_ms"] > 0 and res[scheme]["auto_fwd_ms"] > 0
