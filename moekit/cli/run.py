@@ -83,6 +83,10 @@ def add_parser(subparsers, name: str = "run", help_text: str = "generate with an
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="predict the next layers' experts (their routers on the current hidden state) and read "
                         "them on a background thread while this layer computes (default: on)")
+    p.add_argument("--prefetch-predictor", choices=["lookahead", "wholepath"], default="lookahead",
+                   help="what guesses the next layers' experts: 'lookahead' (their routers on the current hidden "
+                        "state) or 'wholepath' (the token's experts so far matched against the paths recorded from "
+                        "the prompt and earlier tokens, ExpertFlow-style) (default: lookahead)")
     p.add_argument("--horizon", default="auto", metavar="H",
                    help="prefetch look-ahead in MoE layers, or 'auto': from the measured read and compute times "
                         "(default: auto)")
@@ -216,6 +220,7 @@ def run(args) -> int:
         om = load_offloaded(model_dir, budget, store_dir=args.store, policy=args.policy, device=args.device,
                             tier=args.tier, page_cache=args.page_cache, verify=not args.no_verify,
                             progress=progress, prefetch=args.prefetch, horizon=horizon,
+                            prefetch_predictor=args.prefetch_predictor if args.prefetch else "lookahead",
                             miss_model=None if args.miss_model == "off" else args.miss_model)
         if many is None and not args.no_predict and om.rates is None:
             om.calibrate()
@@ -257,7 +262,7 @@ def run(args) -> int:
               f"{_num(m['predicted_io_bound_tokens_per_s'])}, compute bound "
               f"{_num(m['predicted_compute_bound_tokens_per_s'])})")
     if m.get("prefetch"):
-        print(f"prefetch: look-ahead {m['prefetch_horizon']} layers, prediction recall "
+        print(f"prefetch ({m['prefetch_predictor']}): look-ahead {m['prefetch_horizon']} layers, prediction recall "
               f"{_pct(m['prediction_recall'])} (decode {_pct(m['prediction_recall_decode'])}), "
               f"{m['prefetched']} experts read ahead, {m['prefetch_hits']} used, {m['prefetch_dropped']} dropped")
     print(f"hit rate {_pct(m['hit_rate'])} (prefill {_pct(m['hit_rate_prefill'])}, decode {_pct(m['hit_rate_decode'])}), "

@@ -199,8 +199,10 @@ class WholePathPredictor:
         self._paths_TLE[self.n] = path_LE
         self.n += 1
 
-    def fit(self, ids_LTK: np.ndarray) -> "WholePathPredictor":
-        """Record the paths of ``[L, T, K]`` routes (one sequence, tokens in order; ``-1`` ignored)."""
+    def fit(self, ids_LTK: np.ndarray, continues: bool = False) -> "WholePathPredictor":
+        """Record the paths of ``[L, T, K]`` routes (one sequence, tokens in order; ``-1`` ignored).
+        ``continues``: the sequence goes on after them (a prompt just prefilled): the next token
+        in flight follows the last one recorded here."""
         ids_LTK = np.asarray(ids_LTK)
         if ids_LTK.ndim != 3 or ids_LTK.shape[0] != self.L:
             raise ValueError(f"ids_LTK must be [L={self.L}, T, K], got {ids_LTK.shape}")
@@ -210,6 +212,9 @@ class WholePathPredictor:
                 ex = ids_LTK[l, t]
                 path[l, ex[ex >= 0]] = 1.0
             self._append(path, follows=t > 0)
+        if continues and ids_LTK.shape[1]:
+            self.last_LE = self._paths_TLE[self.n - 1]
+            self.cur_LE[:] = 0.0
         return self
 
     def observe(self, layer: int, experts: Sequence[int]) -> None:

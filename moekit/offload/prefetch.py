@@ -23,6 +23,16 @@ Recall (reported in the runner's metrics): per token and layer, the fraction of 
 the router picked that the latest prediction for that layer had picked for that token (the
 per-token top-k, before the union), split by prefill / decode.
 
+Whole-path prediction (``predictor="wholepath"``, ExpertFlow's predictor from routes:
+:class:`~moekit.offload.predict.WholePathPredictor`): for a single token in flight (decode,
+batch 1) the guess for layers ``l+1 .. l+h`` is made once layer ``l`` has routed (its routing
+observer; the reads then overlap layer ``l``'s expert compute) from the token's experts in the
+layers so far matched against recorded paths: the prompt's tokens (recorded once the prefill
+has routed every layer), each finished token (online), and any routes given beforehand
+(``path_predictor`` fitted on a trace). The cache is told the top-k and asked to admit the
+experts whose estimated probability is at least ``path_threshold``. Forwards of several tokens
+(prefill, batched decode) and a predictor with nothing recorded use the router look-ahead.
+
 Gate (``gated=True``): a guess that needs an eviction is read only while guesses are likelier
 to be used than the resident expert they would evict (see :meth:`Prefetcher._gate`); without it
 a small cache over repetitive routing loses hits to wrong guesses and the link carries the
@@ -38,7 +48,9 @@ import torch
 
 from moekit.offload.predict import lookahead_topk
 
-__all__ = ["Prefetcher"]
+__all__ = ["Prefetcher", "PREDICTORS"]
+
+PREDICTORS = ("lookahead", "wholepath")
 
 
 class Prefetcher:
@@ -47,9 +59,14 @@ class Prefetcher:
     Remove with :meth:`remove`."""
 
     def __init__(self, runtime, moe_layers: list, horizon: Union[int, str] = "auto", max_horizon: int = 4,
-                 ema: float = 0.2, gated: bool = True):
+                 ema: float = 0.2, gated: bool = True, predictor: str = "lookahead", path_predictor=None,
+                 path_threshold: float = 0.5):
         if horizon != "auto" and (not isinstance(horizon, int) or horizon < 1):
             raise ValueError(f"horizon must be a positive int or 'auto', got {horizon!r}")
+        if predictor not in PREDICTORS:
+            raise ValueError(f"predictor must be one of {PREDICTORS}, got {predictor!r}")
+        if not 0.0 <= path_threshold <= 1.0:
+            raise ValueError(f"path_threshold must lie in [0, 1], got {path_threshold}")
         if max_horizon < 1:
             raise ValueError(f"max_horizon must be >= 1, got {max_horizon}")
         self.runtime, self.layers = runtime, list(moe_layers)
@@ -75,6 +92,20 @@ class Prefetcher:
         self._issued_per_layer: Optional[float] = None
         self._last: Optional[tuple[int, float, float]] = None  # (layer, time, demand load seconds then)
         self._reads_seen = (0, 0.0)
+        self.predictor = predictor
+        self.path_threshold = float(path_threshold)
+        self.wp = None
+        self._multi: list = [None] * self.L      # [T, K] routes of a multi-token forward (prefill), per layer
+        if predictor == "wholepath":
+            from moekit.offload.predict import WholePathPredictor
+
+            c = self.layers[0].config
+            self.wp = path_predictor if path_predictor is not None else \
+                WholePathPredictor(self.L, c.num_experts, c.top_k)
+            if not isinstance(self.wp, WholePathPredictor) or (self.wp.L, self.wp.E) != (self.L, c.num_experts):
+                raise ValueError(f"path_predictor must be a WholePathPredictor for L={self.L} MoE layers and "
+                                 f"E={c.num_experts} experts")
+        self.wholepath_guesses = 0               # layer predictions made by the whole-path predictor
         self._handles = []
         for m in self.layers:
             self._handles.append(m.register_forward_pre_hook(self._pre))
@@ -98,6 +129,8 @@ class Prefetcher:
             return
         hidden = args[0]
         x_TD = hidden.reshape(-1, hidden.shape[-1])
+        if self.wp is not None and x_TD.shape[0] == 1 and self.wp.n:
+            return  # one token in flight: the whole-path predictor guesses once this layer has routed
         preds = self._predict(x_TD, targets)
         issued = 0
         cache = rt.cache
@@ -192,16 +225,53 @@ class Prefetcher:
         self._layer_requests[l] += len(used_set)
         pred = self._pred_TK[l]
         self._pred_TK[l] = None
-        if pred is None:
-            return
         used = routing.topk_ids_TK
-        if pred.shape[0] != used.shape[0]:
+        if pred is not None and pred.shape[0] == used.shape[0]:
+            valid = used >= 0
+            hit = (used.unsqueeze(-1) == pred.to(used.device).unsqueeze(1)).any(-1) & valid
+            phase = self.runtime.cache.phase
+            self.recall_hits[phase] += int(hit.sum())
+            self.recall_total[phase] += int(valid.sum())
+        if self.wp is not None:
+            self._whole_path(l, used)
+
+    def _whole_path(self, l: int, used_TK: torch.Tensor) -> None:
+        """Record layer ``l``'s routes ``[T, K]`` in the whole-path predictor; for one token in flight,
+        guess and prefetch layers ``l+1 .. l+h`` from them."""
+        import numpy as np
+
+        wp = self.wp
+        if used_TK.shape[0] != 1:
+            if self.runtime.cache.phase == "prefill":    # the prompt's paths, once every layer routed
+                self._multi[l] = used_TK.cpu().numpy()
+                if l == self.L - 1 and all(m is not None and m.shape == self._multi[0].shape for m in self._multi):
+                    wp.fit(np.stack(self._multi), continues=True)
+            if l == self.L - 1:
+                self._multi = [None] * self.L
             return
-        valid = used >= 0
-        hit = (used.unsqueeze(-1) == pred.to(used.device).unsqueeze(1)).any(-1) & valid
-        phase = self.runtime.cache.phase
-        self.recall_hits[phase] += int(hit.sum())
-        self.recall_total[phase] += int(valid.sum())
+        wp.observe(l, [e for e in used_TK[0].tolist() if e >= 0])
+        if l == self.L - 1:
+            wp.end_token()
+            return
+        cache, rt = self.runtime.cache, self.runtime
+        targets = list(range(l + 1, min(l + self.horizon, self.L - 1) + 1))
+        issued = 0
+        for t in targets:
+            s_E = wp.scores(t)
+            order = np.argsort(-s_E, kind="stable")
+            k = self.layers[t].config.top_k
+            self._pred_TK[t] = torch.as_tensor(order[:k].copy(), dtype=torch.long).unsqueeze(0)
+            cache.observe_prediction(t, [int(e) for e in order[:k]])
+            ranked = [int(e) for e in order[: cache.quotas[t]] if s_E[e] > 0 and s_E[e] >= self.path_threshold]
+            ranked = self._gate(t, ranked) if ranked else []
+            got = rt.prefetch_async(t, ranked) if ranked else []
+            self._issued[t] |= set(got)
+            issued += len(got)
+            self.wholepath_guesses += 1
+        if targets:
+            n = issued / len(targets)
+            self._issued_per_layer = n if self._issued_per_layer is None else \
+                (1 - self.ema) * self._issued_per_layer + self.ema * n
 
     # ---- look-ahead from measured times --------------------------------------------------------
     def _time(self, l: int) -> None:
@@ -240,4 +310,5 @@ class Prefetcher:
 
     def counters(self) -> dict:
         return {"recall_hits_prefill": self.recall_hits["prefill"], "recall_total_prefill": self.recall_total["prefill"],
-                "recall_hits_decode": self.recall_hits["decode"], "recall_total_decode": self.recall_total["decode"]}
+                "recall_hits_decode": self.recall_hits["decode"], "recall_total_decode": self.recall_total["decode"],
+                "wholepath_guesses": self.wholepath_guesses}

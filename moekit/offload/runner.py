@@ -382,7 +382,9 @@ class OffloadedModel:
         ``prefetch_hits`` (decode requests served by a prefetched expert on its first use),
         ``prefetch_dropped`` (read ahead, evicted unused), ``prefetch_wait_seconds`` (blocked on
         a read still in flight), ``demand_load_seconds``, ``expert_compute_seconds``,
-        ``slow_tier_computes`` (misses computed where they live)."""
+        ``slow_tier_computes`` (misses computed where they live); with prefetch on also
+        ``prefetch_predictor`` (``lookahead`` / ``wholepath``) and ``wholepath_guesses`` (layer
+        predictions the whole-path predictor made; the rest were the router look-ahead's)."""
         out: dict[str, Any] = {"prefetch": self.prefetcher is not None, "prefetched": int(d["prefetch_loads"]),
                                "prefetch_hits": int(d["decode_prefetch_hits"]),
                                "prefetch_dropped": int(d["prefetch_dropped"]),
@@ -395,7 +397,8 @@ class OffloadedModel:
                 return d[f"recall_hits_{ph}"] / tot if tot else None
 
             tot = d["recall_total_prefill"] + d["recall_total_decode"]
-            out.update(prefetch_horizon=self.prefetcher.horizon,
+            out.update(prefetch_predictor=self.prefetcher.predictor, wholepath_guesses=int(d["wholepath_guesses"]),
+                       prefetch_horizon=self.prefetcher.horizon,
                        prediction_recall=(d["recall_hits_prefill"] + d["recall_hits_decode"]) / tot if tot else None,
                        prediction_recall_prefill=rec("prefill"), prediction_recall_decode=rec("decode"))
         return out
@@ -499,7 +502,8 @@ def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir
                    policy: str = "predictive", device: str | torch.device = "cpu", tier: str = "disk",
                    page_cache: str = "keep", verify: bool = True, dtype: Optional[torch.dtype] = None,
                    profile=None, progress: Optional[bool] = None, prefetch: bool = False,
-                   horizon: int | str = "auto", miss_model=None) -> OffloadedModel:
+                   horizon: int | str = "auto", miss_model=None, prefetch_predictor: str = "lookahead",
+                   path_predictor=None, path_threshold: float = 0.5) -> OffloadedModel:
     """An :class:`OffloadedModel` for the HF checkpoint in ``model_dir``.
 
     ``budget``: bytes of expert weights the fast tier may hold (an int, a size like
@@ -512,7 +516,12 @@ def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir
     experts must be computed in the store's dtype. ``profile``: [L, E] routing counts for the
     cache (``static`` pins from it). ``prefetch``: look-ahead prediction and background reads
     (:class:`~moekit.offload.prefetch.Prefetcher`; ``horizon`` an int or ``"auto"``: from the
-    measured read and compute times). ``miss_model``: ``"auto"`` (only with ``device="cuda"``
+    measured read and compute times; ``prefetch_predictor``: ``"lookahead"``, the next layers'
+    routers on the current hidden state, or ``"wholepath"``, the token's experts so far matched
+    against recorded paths, :class:`~moekit.offload.predict.WholePathPredictor`, learned online
+    from the prompt and each finished token, optionally given pre-fitted as ``path_predictor``,
+    prefetching experts whose estimated probability is at least ``path_threshold``; see
+    :mod:`moekit.offload.prefetch`). ``miss_model``: ``"auto"`` (only with ``device="cuda"``
     and ``tier="ram"``: calibrate a :class:`~moekit.offload.throughput.MissCostModel` and
     compute a miss on the CPU where that is cheaper than copying it; not run on a GPU in this
     repository's tests), a ``MissCostModel``, or None."""
@@ -601,7 +610,11 @@ def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir
         if prefetch:
             from moekit.offload.prefetch import Prefetcher
 
-            om.prefetcher = Prefetcher(runtime, [layer for _, layer in found], horizon=horizon)
+            om.prefetcher = Prefetcher(runtime, [layer for _, layer in found], horizon=horizon,
+                                       predictor=prefetch_predictor, path_predictor=path_predictor,
+                                       path_threshold=path_threshold)
+        elif prefetch_predictor != "lookahead" or path_predictor is not None:
+            raise ValueError("prefetch_predictor / path_predictor need prefetch=True")
         return om
     except BaseException:
         if store is not None:

@@ -45,6 +45,11 @@ def test_json_matches_hf_and_store_made_next_to_model(model, capsys):
     assert low["bytes_read"] > res["bytes_read"]
     rc, out, _ = _run(capsys, "--model", d, "--budget", "1GiB", "--prompt-ids", ids, "--max-new-tokens", 8)
     assert rc == 0 and "generated ids: " + ",".join(map(str, want)) in out and "hit rate" in out
+    rc, out, _ = _run(capsys, "--model", d, "--budget", res["min_budget_bytes"], "--prefetch-predictor", "wholepath",
+                      "--prompt-ids", ids, "--max-new-tokens", 8, "--no-predict", "--json")
+    wp = json.loads(out)
+    assert rc == 0 and wp["generated_ids"] == want and wp["prefetch_predictor"] == "wholepath"
+    assert wp["wholepath_guesses"] > 0 and wp["peak_expert_bytes"] <= wp["budget_bytes"]
 
 
 def test_budget_below_minimum(model, capsys):

@@ -116,3 +116,48 @@ def test_corrupt_blob_read_by_prefetch_thread_names_file(setup, tmp_path):
     with load_offloaded(model_dir, "1GiB", store_dir=broken, prefetch=True, progress=False) as om:
         with pytest.raises(StoreError, match=r"layer_001\.bin: corrupt blob"):
             om.generate(PROMPT, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+def test_wholepath_prefetch_tokens_equal_and_recall(setup, family):
+    """prefetch_predictor='wholepath' (ExpertFlow's whole-path predictor, learned from the prompt and
+    each finished token): same tokens at the minimum and a middle budget, within budget, its layer
+    guesses counted; given the paths of this very generation recorded beforehand (a pre-fitted
+    predictor) it recalls more than learning from scratch. Measured on these random-weight models, 40 tokens: decode recall 0.86 (olmoe) and
+    0.51 (qwen2_moe) against the router look-ahead's 0.78 / 0.22."""
+    model_dir, store_dir, want = setup[family]
+    lo, hi = _bounds(model_dir, store_dir)
+    fresh = {}
+    for budget in (lo, (lo + hi) // 2):
+        with load_offloaded(model_dir, budget, store_dir=store_dir, prefetch=True, horizon=1,
+                            prefetch_predictor="wholepath", progress=False) as om:
+            r = om.generate(PROMPT, max_new_tokens=NEW)
+            m = r.metrics
+            assert r.generated_ids[0] == want, (family, budget)
+            assert 0 < m["peak_expert_bytes"] <= budget
+            assert om.weights.bytes_held == om.cache.bytes_used and not om.runtime.pending
+            assert m["prefetch_predictor"] == "wholepath" and m["wholepath_guesses"] > 0
+            fresh[budget] = m["prediction_recall_decode"]
+            wp = om.prefetcher.wp
+            assert wp.n == len(PROMPT) + NEW - 1     # the prompt's paths, then every decoded token
+    # a predictor that already holds this generation's paths (fitted from an earlier run) knows them
+    with load_offloaded(model_dir, lo, store_dir=store_dir, prefetch=True, horizon=1, prefetch_predictor="wholepath",
+                        path_predictor=wp, progress=False) as om:
+        wp.new_sequence()
+        m = om.generate(PROMPT, max_new_tokens=NEW).metrics
+        assert om.generate(PROMPT, max_new_tokens=NEW).generated_ids[0] == want
+    assert m["prediction_recall_decode"] > fresh[lo], (m["prediction_recall_decode"], fresh)
+
+
+def test_wholepath_options_checked(setup):
+    from moekit.offload.predict import WholePathPredictor
+
+    model_dir, store_dir, _ = setup["olmoe"]
+    with pytest.raises(ValueError, match="predictor must be one of"):
+        load_offloaded(model_dir, "1GiB", store_dir=store_dir, prefetch=True, prefetch_predictor="oracle",
+                       progress=False)
+    with pytest.raises(ValueError, match="WholePathPredictor for L=3"):
+        load_offloaded(model_dir, "1GiB", store_dir=store_dir, prefetch=True, prefetch_predictor="wholepath",
+                       path_predictor=WholePathPredictor(5, 8, 2), progress=False)
+    with pytest.raises(ValueError, match="need prefetch=True"):
+        load_offloaded(model_dir, "1GiB", store_dir=store_dir, prefetch_predictor="wholepath", progress=False)
