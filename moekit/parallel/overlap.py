@@ -278,7 +278,8 @@ class _ExpertsBlock:
         grads = torch.autograd.grad(y, [x_in] + params, g, allow_unused=True)
         for p, gp in zip(params, grads[1:]):
             if gp is not None:
-                self.param_grads[p] = gp if self.param_grads.get(p) is None else self.param_grads[p] + gp
+                acc = self.param_grads.get(p)
+                self.param_grads[p] = gp if acc is None else acc.add_(gp)  # stage order: fixed
         return grads[0]
 
 
