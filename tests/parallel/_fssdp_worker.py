@@ -156,13 +156,18 @@ def _train(rank, W, opt_name, steps=5, check_bytes=False, **kw):
 
 
 def scenario_train(rank, W):
-    for opt_name in ("sgd", "adam"):
-        _train(rank, W, opt_name, check_bytes=(opt_name == "sgd"))
+    """SGD with the memory cap deciding P' (t unknown), Adam with t = 1 <= m (the hottest expert
+    everywhere); then the memory ledger."""
+    _train(rank, W, "sgd", check_bytes=True)
+    model, ref, opt = _train(rank, W, "adam", overlap=1)
+    _check_ledger(rank, W, model, opt, remat=False)
 
 
 def scenario_remat(rank, W):
-    for opt_name in ("sgd", "adam"):
-        _train(rank, W, opt_name, check_bytes=(opt_name == "sgd"), remat=True)
+    """The same with re-materialisation, SGD with t measured (overlap="auto")."""
+    _train(rank, W, "sgd", check_bytes=True, remat=True, overlap="auto", bandwidth=1e12)
+    model, ref, opt = _train(rank, W, "adam", remat=True)
+    _check_ledger(rank, W, model, opt, remat=True)
 
 
 def scenario_reshard(rank, W):
@@ -180,28 +185,26 @@ def scenario_reshard(rank, W):
         assert _total(ctl.move_traffic.bytes_sent) > 0
 
 
-def scenario_ledger(rank, W):
+def _check_ledger(rank, W, model, opt, remat):
     """Memory on each rank equals REFERENCE §2: owned weights + grads + Adam state (fp64: 8+8+16
     bytes per element); replicas alive after forward = sum_l m_{l,d} p b_w (0 with remat)."""
-    for remat in (False, True):
-        model, ref, opt = _train(rank, W, "adam", steps=3, remat=remat)
-        ctl = fssdp_state(model)
-        layers = (model.module.moe1, model.module.moe2)
-        p = layers[0].experts.elements_per_expert
-        measured = 0
-        for m in layers:
-            for t in (m.experts.w_in, m.experts.w_out):
-                measured += t.numel() * t.element_size() + t.grad.numel() * t.grad.element_size()
-                measured += sum(v.numel() * v.element_size() for v in opt.state[t].values() if v.dim() > 0)
-        want = ledger.fssdp_memory(ctl.mats, rank, p, 8, 8, 16, remat)
-        assert measured == want.owned, (measured, want)
-        x, gy, bounds = batch(W)
-        y = model(x[bounds[rank]:bounds[rank + 1]])
-        live = sum(m.experts.live_materialized_bytes() for m in layers)
-        replica_weights = sum(len(m.replicas(rank)) for m in ctl.mats) * p * 8
-        assert live == (0 if remat else replica_weights), (remat, live, replica_weights)
-        assert want.materialized == (max if remat else sum)(len(m.replicas(rank)) for m in ctl.mats) * p * 16
-        y.sum().backward()
+    ctl = fssdp_state(model)
+    layers = (model.module.moe1, model.module.moe2)
+    p = layers[0].experts.elements_per_expert
+    measured = 0
+    for m in layers:
+        for t in (m.experts.w_in, m.experts.w_out):
+            measured += t.numel() * t.element_size() + t.grad.numel() * t.grad.element_size()
+            measured += sum(v.numel() * v.element_size() for v in opt.state[t].values() if v.dim() > 0)
+    want = ledger.fssdp_memory(ctl.mats, rank, p, 8, 8, 16, remat)
+    assert measured == want.owned, (measured, want)
+    x, gy, bounds = batch(W)
+    y = model(x[bounds[rank]:bounds[rank + 1]])
+    live = sum(m.experts.live_materialized_bytes() for m in layers)
+    replica_weights = sum(len(m.replicas(rank)) for m in ctl.mats) * p * 8
+    assert live == (0 if remat else replica_weights), (remat, live, replica_weights)
+    assert want.materialized == (max if remat else sum)(len(m.replicas(rank)) for m in ctl.mats) * p * 16
+    y.sum().backward()
 
 
 def scenario_state_dict(rank, W):
@@ -235,6 +238,31 @@ def scenario_disagree(rank, W):
     expect(FSSDPError, "different placements", lambda: model(x[bounds[rank]:bounds[rank + 1]]))
 
 
+def scenario_dispatch(rank, W):
+    """Token dispatch: a local holder takes all its rank's rows; otherwise the holders on the
+    same node (W=4: two nodes of two ranks); otherwise all holders, split evenly."""
+    rpn = 2 if W == 4 else None
+    model = fssdp(make_net(), ranks_per_node=rpn)
+    d = model.module.moe1.dispatcher
+    last = W - 1
+    rest = [e % W for e in range(3, E)]
+    mat = Materialization((0, 1 % W, 0, *rest), ((0, last), (1 % W,), tuple(range(W)), *((o,) for o in rest)), W)
+    d.set_materialization(mat)
+    ids = torch.tensor([0] * 8 + [1] * 4 + [2] * 8)
+    dest = (d._physical(ids) // d.placement.slots_per_rank).tolist()
+    if rank in (0, last):
+        assert dest[:8] == [rank] * 8, dest
+    elif rpn:
+        assert dest[:8] == [0 if rank < 2 else last] * 8, dest
+    else:
+        assert sorted(dest[:8]) == [0] * 4 + [last] * 4, dest  # split evenly
+    assert dest[8:12] == [1 % W] * 4 and dest[12:] == [rank] * 8, dest
+    # every held slot: the slot's expert is the one asked for
+    phy = d._physical(ids).tolist()
+    assert [d.placement.phy2log[s] for s in phy] == ids.tolist()
+    expect(ValueError, "experts", lambda: d.set_materialization(Materialization.owners_only([0], W)))
+
+
 def scenario_errors(rank, W):
     expect(ValueError, "no MoELayer", lambda: fssdp(nn.Linear(2, 2)))
     expect(ValueError, "overlap", lambda: fssdp(make_net(), overlap=-1))
@@ -242,8 +270,8 @@ def scenario_errors(rank, W):
 
 
 SCENARIOS = {"sparse": scenario_sparse, "train": scenario_train, "remat": scenario_remat,
-             "reshard": scenario_reshard, "ledger": scenario_ledger, "state_dict": scenario_state_dict,
-             "disagree": scenario_disagree, "errors": scenario_errors}
+             "reshard": scenario_reshard, "state_dict": scenario_state_dict,
+             "disagree": scenario_disagree, "dispatch": scenario_dispatch, "errors": scenario_errors}
 
 
 def run(rank, W, port, names, out_dir):

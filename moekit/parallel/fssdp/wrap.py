@@ -199,6 +199,9 @@ class SparseDispatcher(AllToAllDispatcher):
 
     def set_materialization(self, mat: Materialization) -> None:
         W, E = self.world_size, self.num_experts
+        if mat.num_experts != E or mat.world_size != W:
+            raise ValueError(f"placement for {mat.num_experts} experts over {mat.world_size} ranks; layer "
+                             f"{self.name!r} has {E} experts over {W} ranks")
         held = [mat.held(q) for q in range(W)]
         S = max(1, max(len(h) for h in held))
         phy2log = []
