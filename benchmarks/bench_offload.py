@@ -233,7 +233,9 @@ E2E_CONFIGS = {
 }
 E2E_PROMPT_LEN = 16
 VARIANTS = ("moekit", "lru", "accelerate")
-MOEKIT_VARIANTS = ("moekit", "moekit-noprefetch", "lru")   # moekit-noprefetch: optional, to separate the two
+MOEKIT_VARIANTS = ("moekit", "moekit-noprefetch", "lru", "moekit-wholepath")   # optional: noprefetch separates
+# prefetch from the policy; wholepath prefetches with the whole-path predictor instead of the router look-ahead
+EXTRA_VARIANTS = ("moekit-noprefetch", "moekit-wholepath")
 
 
 def machine_info() -> dict:
@@ -377,6 +379,8 @@ def _moekit_options(variant: str) -> dict:
         if "prefetch" in params and params["prefetch"].default in (False, 0, None):
             opts["prefetch"] = True if isinstance(params["prefetch"].default, bool) or \
                 params["prefetch"].default is None else "auto"
+        if variant == "moekit-wholepath":
+            opts["prefetch_predictor"] = "wholepath"
     return opts
 
 
@@ -652,7 +656,8 @@ def _e2e_summary(info: dict, disk: dict, runs: dict, model_dir: Path, budget: in
              "load_seconds": med("load_seconds"), "per_round_tokens_per_s": [r["tokens_per_s"] for r in rs]}
         if v != "accelerate":
             ms = [r["metrics"] for r in rs]
-            s["prefetch_metrics"] = {k: ms[0].get(k) for k in ("prefetch", "prefetched", "prefetch_hits",
+            s["prefetch_metrics"] = {k: ms[0].get(k) for k in ("prefetch", "prefetch_predictor", "prefetched",
+                                                              "prefetch_hits", "prefetch_dropped", "wholepath_guesses",
                                                               "prediction_recall_decode") if k in ms[0]}
             s.update(options=rs[0]["options"], hit_rate_decode=statistics.median(m["hit_rate_decode"] for m in ms),
                      bytes_per_decode_token=statistics.median(m["bytes_per_decode_token"] for m in ms),
@@ -679,10 +684,14 @@ def _e2e_summary(info: dict, disk: dict, runs: dict, model_dir: Path, budget: in
     ratios = {}
     if "moekit" in summ and "tokens_per_s" in summ["moekit"]:
         mk = summ["moekit"]
-        for other in ("lru", "accelerate", "moekit-noprefetch"):
+        for other in ("lru", "accelerate") + EXTRA_VARIANTS:
             if "tokens_per_s" in summ.get(other, {}):
                 ratios[f"moekit_over_{other}"] = mk["tokens_per_s"] / summ[other]["tokens_per_s"]
                 ratios[f"moekit_over_{other}_decode"] = mk["decode_tokens_per_s"] / summ[other]["decode_tokens_per_s"]
+    for v in EXTRA_VARIANTS:
+        if "tokens_per_s" in summ.get(v, {}) and "tokens_per_s" in summ.get("lru", {}):
+            ratios[f"{v}_over_lru"] = summ[v]["tokens_per_s"] / summ["lru"]["tokens_per_s"]
+            ratios[f"{v}_over_lru_decode"] = summ[v]["decode_tokens_per_s"] / summ["lru"]["decode_tokens_per_s"]
     pred, how = (None, "moekit variant not run")
     if ok.get("moekit"):
         ps = [r["prediction"] for r in ok["moekit"]]
@@ -742,9 +751,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=None, help="with --e2e: tokens to generate (default 32; quick 4)")
     ap.add_argument("--rounds", type=int, default=None, help="with --e2e: interleaved rounds (default 2; quick 1)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="with --e2e: comma-separated subset of "
-                    + ",".join(VARIANTS))
+                    + ",".join(VARIANTS + EXTRA_VARIANTS))
     # internal: one variant in a fresh process (the --e2e parent starts these)
-    ap.add_argument("--e2e-worker", choices=VARIANTS + MOEKIT_VARIANTS[1:2], help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-worker", choices=VARIANTS + EXTRA_VARIANTS, help=argparse.SUPPRESS)
     for a, t in (("--model-dir", Path), ("--store-dir", Path), ("--offload-dir", Path), ("--budget-bytes", int),
                  ("--accel-mem", int), ("--size", str)):
         ap.add_argument(a, type=t, help=argparse.SUPPRESS)
@@ -769,7 +778,7 @@ def main(argv=None) -> int:
         print("machine:", mach, flush=True)
         variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
         if not set(variants) <= set(VARIANTS + MOEKIT_VARIANTS):
-            ap.error(f"--variants must be a subset of {','.join(VARIANTS + MOEKIT_VARIANTS[1:2])}, got {args.variants}")
+            ap.error(f"--variants must be a subset of {','.join(VARIANTS + EXTRA_VARIANTS)}, got {args.variants}")
         res = e2e_target("quick" if args.quick else "full", args.cache_dir, args.budget_fraction,
                          args.new_tokens or (4 if args.quick else 32), args.rounds or (1 if args.quick else 2),
                          variants)

@@ -117,7 +117,7 @@ def schedule(sig_RLE, batch_size: int, method: str = "similar", refine: bool = T
              max_passes: int = 8) -> list[list[int]]:
     """Batches (lists of request indices into ``sig_RLE``, arrival order = index order) of at most
     ``batch_size`` requests; every request in exactly one batch; ``ceil(R / batch_size)`` batches,
-    all full but the last (as FIFO). ``sig_RLE``: bool ``[R, L, E]`` predicted expert sets, or
+    all full but one (as FIFO; with ``order`` the smaller one need not be last). ``sig_RLE``: bool ``[R, L, E]`` predicted expert sets, or
     per-request lists of per-layer expert-id sets. See the module docstring for the method."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
