@@ -165,7 +165,8 @@ class WholePathPredictor:
     """Predicts a token's experts in every layer from the recorded paths it matches.
 
     Memory: ``[T, L, E]`` one-hot paths of recorded tokens (:meth:`fit` on a trace, then one
-    per finished token, :meth:`end_token`). For the token in flight (its experts observed layer
+    per finished token, :meth:`end_token`); ``max_tokens`` caps ``T`` (the oldest quarter is
+    forgotten when it is reached; each guess costs ``O(T * window * E)``). For the token in flight (its experts observed layer
     by layer, :meth:`observe`), the similarity to a recorded token ``s`` is
     ``sum_{j in [l-window, l)} decay^(l-1-j) * |experts_t[j] & experts_s[j]|``, and the score of
     expert ``e`` in layer ``l`` is ``sum_s sim_s^power * [e in experts_s[l]] / sum_s sim_s^power``,
@@ -175,7 +176,9 @@ class WholePathPredictor:
     """
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, window: int = 8, decay: float = 0.8,
-                 power: float = 6.0):
+                 power: float = 6.0, max_tokens: Optional[int] = None):
+        if max_tokens is not None and max_tokens < 2:
+            raise ValueError(f"max_tokens must be None or >= 2, got {max_tokens}")
         if num_layers <= 0 or num_experts <= 0 or not 0 < top_k <= num_experts:
             raise ValueError(f"need num_layers > 0 and 0 < top_k <= num_experts, got L={num_layers}, "
                              f"E={num_experts}, K={top_k}")
@@ -186,11 +189,19 @@ class WholePathPredictor:
         self._paths_TLE = np.zeros((64, num_layers, num_experts), dtype=np.float32)
         self._succ_T = np.zeros(64, dtype=bool)      # token t+1 is recorded right after t (same sequence)
         self.n = 0                                    # recorded tokens
+        self.max_tokens = max_tokens                  # memory cap: the oldest quarter goes when full
         self.cur_LE = np.zeros((num_layers, num_experts), dtype=np.float32)
         self.last_LE: Optional[np.ndarray] = None    # the previous finished token's path (this sequence)
 
     # --- learning ---------------------------------------------------------------------
     def _append(self, path_LE: np.ndarray, follows: bool) -> None:
+        if self.max_tokens is not None and self.n >= self.max_tokens:
+            drop = max(1, self.max_tokens // 4)
+            keep = self.n - drop
+            self._paths_TLE[:keep] = self._paths_TLE[drop:self.n]
+            self._succ_T[:keep] = self._succ_T[drop:self.n]
+            self._succ_T[keep:] = False
+            self.n = keep
         if self.n == len(self._paths_TLE):
             self._paths_TLE = np.concatenate([self._paths_TLE, np.zeros_like(self._paths_TLE)])
             self._succ_T = np.concatenate([self._succ_T, np.zeros_like(self._succ_T)])
@@ -213,7 +224,7 @@ class WholePathPredictor:
                 path[l, ex[ex >= 0]] = 1.0
             self._append(path, follows=t > 0)
         if continues and ids_LTK.shape[1]:
-            self.last_LE = self._paths_TLE[self.n - 1]
+            self.last_LE = self._paths_TLE[self.n - 1].copy()
             self.cur_LE[:] = 0.0
         return self
 
@@ -225,7 +236,7 @@ class WholePathPredictor:
     def end_token(self) -> None:
         """The token in flight is finished: record its path (online learning) and start the next."""
         self._append(self.cur_LE.copy(), follows=self.last_LE is not None)
-        self.last_LE = self._paths_TLE[self.n - 1]
+        self.last_LE = self._paths_TLE[self.n - 1].copy()
         self.cur_LE[:] = 0.0
 
     def new_sequence(self) -> None:

@@ -28,8 +28,8 @@ Whole-path prediction (``predictor="wholepath"``, ExpertFlow's predictor from ro
 batch 1) the guess for layers ``l+1 .. l+h`` is made once layer ``l`` has routed (its routing
 observer; the reads then overlap layer ``l``'s expert compute) from the token's experts in the
 layers so far matched against recorded paths: the prompt's tokens (recorded once the prefill
-has routed every layer), each finished token (online), and any routes given beforehand
-(``path_predictor`` fitted on a trace). The cache is told the top-k and asked to admit the
+has routed every layer), each finished token (online; the last ``PATH_MEMORY`` tokens), and any
+routes given beforehand (``path_predictor`` fitted on a trace). The cache is told the top-k and asked to admit the
 experts whose estimated probability is at least ``path_threshold``. Forwards of several tokens
 (prefill, batched decode) and a predictor with nothing recorded use the router look-ahead.
 
@@ -51,6 +51,7 @@ from moekit.offload.predict import lookahead_topk
 __all__ = ["Prefetcher", "PREDICTORS"]
 
 PREDICTORS = ("lookahead", "wholepath")
+PATH_MEMORY = 1024   # tokens the runner's whole-path predictor remembers (Qwen3-30B: 24 KiB per token)
 
 
 class Prefetcher:
@@ -101,7 +102,7 @@ class Prefetcher:
 
             c = self.layers[0].config
             self.wp = path_predictor if path_predictor is not None else \
-                WholePathPredictor(self.L, c.num_experts, c.top_k)
+                WholePathPredictor(self.L, c.num_experts, c.top_k, max_tokens=PATH_MEMORY)
             if not isinstance(self.wp, WholePathPredictor) or (self.wp.L, self.wp.E) != (self.L, c.num_experts):
                 raise ValueError(f"path_predictor must be a WholePathPredictor for L={self.L} MoE layers and "
                                  f"E={c.num_experts} experts")

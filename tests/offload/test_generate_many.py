@@ -87,3 +87,20 @@ def test_route_signatures_and_errors(setup):
             om.generate_many([PROMPT, []])
         with pytest.raises(ValueError, match="signatures"):
             om.generate_many(PROMPTS, signatures=sig[:2])
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("predictor", ["lookahead", "wholepath"])
+def test_generate_many_with_prefetch_at_the_minimum(setup, family, predictor):
+    """Batches of 3 (more experts per layer than the quota: streamed) with prefetch reads in flight:
+    same tokens, the weights held never over the budget, nothing left in flight."""
+    model_dir, store_dir, want, _ = setup[family]
+    with load_offloaded(model_dir, "100GiB", store_dir=store_dir, progress=False) as probe:
+        budget = probe.min_budget_bytes
+    with load_offloaded(model_dir, budget, store_dir=store_dir, prefetch=True, horizon=2, policy="predictive",
+                        prefetch_predictor=predictor, progress=False) as om:
+        r = om.generate_many(PROMPTS, max_new_tokens=NEW, batch_size=3)
+        assert r.generated_ids == want
+        assert 0 < r.metrics["peak_expert_bytes"] <= budget
+        assert om.weights.bytes_held == om.cache.bytes_used and not om.runtime.pending
+        assert sum(m["prefetched"] for m in r.batch_metrics) > 0

@@ -92,6 +92,31 @@ def test_whole_path_predictor_learns_a_deterministic_path():
         p.fit(np.zeros((3, 2, 1), dtype=np.int32))
 
 
+def test_whole_path_predictor_memory_cap():
+    """max_tokens: the oldest quarter is forgotten when full; what is kept still predicts, successor
+    links stay with their tokens, and the last finished token is a copy (no view into the memory)."""
+    from moekit.offload.predict import WholePathPredictor
+
+    ids = np.zeros((3, 50, 1), dtype=np.int32)
+    ids[0, :, 0] = np.arange(50) % 5
+    for l in (1, 2):
+        ids[l, :, 0] = (ids[l - 1, :, 0] + l) % 5
+    p = WholePathPredictor(3, 5, 1, max_tokens=16).fit(ids, continues=True)
+    assert p.n <= 16 and p._succ_T[: p.n - 1].all() and not p._succ_T[p.n - 1]
+    last = p.last_LE.copy()
+    assert np.array_equal(last, p._paths_TLE[p.n - 1])
+    for t in range(10):                              # keep decoding past the cap
+        for l in range(3):
+            if l:
+                assert p.predict(l)[0] == ids[l, t, 0]
+            p.observe(l, [int(ids[l, t, 0])])
+        p.end_token()
+        assert p.n <= 16
+    assert np.array_equal(p.last_LE, p._paths_TLE[p.n - 1]) and p.last_LE.base is None
+    with pytest.raises(ValueError, match="max_tokens"):
+        WholePathPredictor(3, 5, 1, max_tokens=1)
+
+
 @pytest.mark.skipif(not (TRACES / "qwen.route.csv").exists(), reason="../shared/traces is absent")
 @pytest.mark.parametrize("name", ["qwen", "gemma"])
 def test_whole_path_predictor_held_out_recall_beats_co_activation(name):
