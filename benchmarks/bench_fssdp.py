@@ -31,6 +31,7 @@ the extra work, not what a network would do (see benchmarks/shaped_link.py).
 
     python benchmarks/bench_fssdp.py            # accounting + measured, ~2 minutes
     python benchmarks/bench_fssdp.py --quick    # smoke test
+    sudo python benchmarks/bench_fssdp.py --measure --shaped 1gbit   # measured part over a shaped link
 
 The last line printed is one JSON object.
 """
@@ -87,11 +88,18 @@ def layer_distributions(trace_path: Path, E: int, L: int, seed: int) -> np.ndarr
 
 
 def draw_routing(probs_LE: np.ndarray, T: int, K: int, steps: int, seed: int) -> list[list[torch.Tensor]]:
-    """steps x L tensors of ids [T, K] (global batch; rank r takes rows [r*T/W, (r+1)*T/W))."""
+    """steps x L tensors of ids [T, K] (global batch; rank r takes rows [r*T/W, (r+1)*T/W)): each
+    token's K experts drawn without replacement from the layer's distribution (Gumbel top-k)."""
     g = torch.Generator().manual_seed(seed)
-    p = torch.tensor(probs_LE, dtype=torch.float64)
-    return [[torch.multinomial(p[l].expand(T, -1), K, replacement=False, generator=g) for l in range(len(p))]
-            for _ in range(steps)]
+    logp = torch.tensor(probs_LE, dtype=torch.float32).log()
+    out = []
+    for _ in range(steps):
+        row = []
+        for l in range(len(logp)):
+            u = torch.rand(T, logp.shape[1], generator=g).clamp_(min=1e-20)
+            row.append((logp[l] - torch.log(-torch.log(u))).topk(K, dim=1).indices)
+        out.append(row)
+    return out
 
 
 # ---- accounting (the dispatch rule of SparseDispatcher, on counts) ------------------------------
@@ -289,12 +297,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(a, W: int) -> dict:
+def measure(a, W: int, rate: str | None = None) -> dict:
+    """The four models on W processes: spawned here (loopback), or with ``rate`` each rank in its
+    own network namespace behind a link shaped to ``rate`` (benchmarks/shaped_link.py, env://)."""
     out = {}
     with tempfile.TemporaryDirectory() as d:
+        if rate:
+            os.chmod(d, 0o777)
+            Path(d, "args.json").write_text(json.dumps(vars(a)))
         for mode in ("ep", "fssdp", "fssdp_remat", "fsdp2"):
-            mp.start_processes(_worker, args=(W, _free_port(), a, mode, d), nprocs=W, join=True,
-                               start_method="spawn")
+            if rate:
+                from shaped_link import launch
+
+                rc = launch(rate, W, [sys.executable, __file__, "--rank-mode", mode, "--out", d], timeout=1200)
+                if rc:
+                    raise RuntimeError(f"shaped-link run of {mode} failed with exit code {rc}")
+            else:
+                mp.start_processes(_worker, args=(W, _free_port(), a, mode, d), nprocs=W, join=True,
+                                   start_method="spawn")
             rs = [json.loads(Path(d, f"{mode}.r{r}.json").read_text()) for r in range(W)]
             rows_WS = np.array([r["rows"] for r in rs])  # [W, steps], summed over layers
             out[mode] = {"step_ms": max(r["step_ms"] for r in rs),
@@ -315,7 +335,7 @@ def main(argv=None):
     p.add_argument("--acc-layers", type=int, default=48, help="accounting: MoE layers (Qwen3-30B-A3B has 48)")
     p.add_argument("--m", type=int, default=8, help="memory cap: non-owned experts per rank and layer")
     p.add_argument("--worlds", default="4,8,16,32")
-    p.add_argument("--tokens", type=int, default=4096, help="accounting: tokens per rank and step")
+    p.add_argument("--tokens", type=int, default=1024, help="accounting: tokens per rank and step")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=5, help="steps before counting (the load window)")
     p.add_argument("--measure", action="store_true", help="also run the models on W=4 processes here")
@@ -323,8 +343,15 @@ def main(argv=None):
     p.add_argument("--F", type=int, default=48, help="measured: expert hidden dim")
     p.add_argument("--T", type=int, default=256, help="measured: tokens per rank")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shaped", metavar="RATE", help="measured: ranks behind a shaped link (e.g. 1gbit; root)")
+    p.add_argument("--rank-mode", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
+    if a.rank_mode:  # one rank of a shaped-link run, started by shaped_link.launch (env://)
+        saved = argparse.Namespace(**json.loads(Path(a.out, "args.json").read_text()))
+        _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), 0, saved, a.rank_mode, a.out)
+        return 0
     if a.quick:
         a.worlds, a.tokens, a.steps, a.warmup, a.T, a.L, a.acc_layers = "4", 256, 2, 2, 64, 2, 4
     command = " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv])
@@ -345,8 +372,10 @@ def main(argv=None):
            f"{'FSDP2 GB':>9} {'w/FSDP2':>7} {'all/FSDP2':>9} {'mem EP':>7} {'+FSSDP':>7} {'+RM':>6} {'FSDP2':>6}")
     print(hdr)
     table = []
-    for W in [int(w) for w in a.worlds.split(",")]:
-        routing = draw_routing(probs, a.tokens * W, a.K, a.warmup + a.steps, a.seed + 1)
+    worlds = [int(w) for w in a.worlds.split(",")]
+    drawn = draw_routing(probs, a.tokens * max(worlds), a.K, a.warmup + a.steps, a.seed + 1)
+    for W in worlds:
+        routing = [[ids[:a.tokens * W] for ids in row] for row in drawn]  # the first W ranks' tokens
         acc = account(routing, W, a.E, Dq, pq, a.m, 5, a.warmup)
         mem = memory_table(a.acc_layers, a.E, W, pq, int(acc["replicas_max"]), int(acc["replicas_sum"]))
         w_bytes = acc["spag_bytes"] + acc["sprs_bytes"]
@@ -367,21 +396,23 @@ def main(argv=None):
           "weights + grads + Adam state per rank, FSSDP/RM/FSDP2 relative to EP)")
     result = {"bench": "fssdp", "trace": Path(a.trace).name, "E": a.E, "K": a.K, "L": a.acc_layers, "m": a.m,
               "accounting": table}
-    if a.measure or a.quick:
+    if a.measure or a.quick or a.shaped:
         Wm = 4
-        meas = measure(a, Wm)
+        meas = measure(a, Wm, a.shaped)
         pm = 3 * a.D * a.F
         probs = layer_distributions(Path(a.trace), a.E, a.L, a.seed)
         routing = draw_routing(probs, a.T * Wm, a.K, a.warmup + a.steps, a.seed + 1)
         acc = account(routing, Wm, a.E, a.D, pm, a.m, 5, a.warmup)
-        print(f"measured: W={Wm} processes, gloo on this machine, D={a.D} F={a.F} E={a.E} K={a.K} L={a.L}, "
+        link = f"gloo over a link shaped to {a.shaped} per rank" if a.shaped else "gloo over loopback"
+        print(f"measured: W={Wm} processes on this machine, {link}, D={a.D} F={a.F} E={a.E} K={a.K} L={a.L}, "
               f"T={a.T} tokens/rank, m={a.m}, {a.steps} steps after {a.warmup}")
         print(f"{'mode':>12} {'step ms':>8} {'straggler':>9} {'token MB':>9} {'spAG MB':>8} {'spRS MB':>8} "
               f"{'owned expert state MB/rank':>26}")
         for mode, r in meas.items():
             rows = np.array(r["rows_per_rank"], dtype=float)
             r["straggler_total"] = float(rows.max() / rows.mean())
-            print(f"{mode:>12} {r['step_ms']:>8.1f} {r['straggler_total']:>9.2f} {r['token_bytes_per_step'] / 1e6:>9.3f} "
+            print(f"{mode:>12} {r['step_ms']:>8.1f} {r['straggler_total']:>9.2f} "
+                  f"{r['token_bytes_per_step'] / 1e6:>9.3f} "
                   f"{r['spag_bytes_per_step'] / 1e6:>8.3f} {r['sprs_bytes_per_step'] / 1e6:>8.3f} "
                   f"{r['expert_state_bytes_max'] / 1e6:>26.3f}")
         print("(straggler: max/mean rows computed per rank over the timed steps, all layers; MB per step, all "
@@ -394,7 +425,8 @@ def main(argv=None):
             "spag_bytes_remat": meas["fssdp_remat"]["spag_bytes_per_step"] == 2 * acc["spag_bytes"],
         }
         print(f"accounting == measured counters: {checks}")
-        result["measured"] = {"W": Wm, "D": a.D, "F": a.F, "T": a.T, "modes": meas, "accounting_checks": checks}
+        result["measured"] = {"W": Wm, "link": a.shaped or "loopback", "D": a.D, "F": a.F, "T": a.T, "modes": meas,
+                              "accounting_checks": checks}
     print(json.dumps(result, default=lambda o: None))
     return 0
 

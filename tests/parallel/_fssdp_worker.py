@@ -57,7 +57,8 @@ def scenario_sparse(rank, W):
         assert _total(tr.bytes_sent) == ledger.spag_bytes(mat, p, b), trial
         assert tr.bytes_received == ledger.inbound_bytes(mat, rank, p, b), trial
         # spRS against a dense sum: every rank scatters its held rows into [E], all-reduce, owned rows
-        g_HX = torch.randint(-9, 9, (len(held), 3, 2), generator=torch.Generator().manual_seed(100 * trial + rank)).to(DT)
+        gen = torch.Generator().manual_seed(100 * trial + rank)
+        g_HX = torch.randint(-9, 9, (len(held), 3, 2), generator=gen).to(DT)
         dense = torch.zeros(E_, 3, 2, dtype=DT)
         dense[held] = g_HX
         dist.all_reduce(dense)

@@ -220,24 +220,52 @@ def launch_all_gather(x_OX: torch.Tensor, mat: Materialization, group, *, traffi
     return PendingGather(x_OX, recv, work, p, timeout, what)
 
 
-def _reduce_scatter(x_HX: torch.Tensor, mat: Materialization, group, traffic, timeout, what) -> torch.Tensor:
+class PendingReduce:
+    """An spRS in flight (:func:`launch_reduce_scatter`): ``owned`` (this rank's own rows,
+    ``[O_d, ...]``) is ready at once; :meth:`wait` returns ``(recv [n, ...], owned_idx [n])``, the
+    rows other holders sent (ascending source rank) and the owned row each adds to."""
+
+    def __init__(self, owned, recv, work, idx, timeout, what):
+        self.owned, self.recv, self.work, self.idx, self.timeout, self.what = owned, recv, work, idx, timeout, what
+
+    def wait(self) -> tuple[torch.Tensor, list[int]]:
+        if self.work is not None:
+            comm.wait(self.work, self.timeout, self.what)
+            self.work = None
+        return self.recv, self.idx
+
+    def result(self) -> torch.Tensor:
+        """The owned rows with the other holders' rows added (in a fixed order)."""
+        recv, idx = self.wait()
+        out = self.owned
+        for i, j in enumerate(idx):  # sequential adds in arrival order: ascending source rank
+            out[j] += recv[i]
+        return out
+
+
+def launch_reduce_scatter(x_HX: torch.Tensor, mat: Materialization, group, *, traffic: Optional[Traffic] = None,
+                          timeout: timedelta = DEFAULT_TIMEOUT,
+                          what: str = "sparse reduce-scatter") -> PendingReduce:
+    """Start spRS(P', P) of ``x_HX [H_d, ...]`` asynchronously (no autograd). A collective."""
     rank = dist.get_rank(group)
     p = _plan_of(mat, rank)
+    x_HX = x_HX.detach()
     if x_HX.shape[0] != p.num_held:
         raise ValueError(f"{what}: x has {x_HX.shape[0]} rows but rank {rank} holds {p.num_held} experts")
-    out = x_HX.index_select(0, p.index("owned_pos", x_HX.device))
+    owned = x_HX.index_select(0, p.index("owned_pos", x_HX.device))
     send = x_HX.index_select(0, p.index("recv_pos", x_HX.device)) if p.recv_pos else x_HX[:0]
     recv = x_HX.new_empty(len(p.send_idx), *x_HX.shape[1:])
+    work = None
     if dist.get_world_size(group) > 1:
-        comm.wait(dist.all_to_all_single(recv, send.contiguous(), p.send_splits, p.recv_splits, group=group,
-                                         async_op=True), timeout, what)
+        work = dist.all_to_all_single(recv, send.contiguous(), p.send_splits, p.recv_splits, group=group,
+                                      async_op=True)
     if traffic is not None:
         traffic.add(len(p.recv_pos), len(p.send_idx), _row_bytes(x_HX))
-    if recv.shape[0]:  # sequential adds in arrival order: ascending source rank, a fixed order
-        idx = p.send_idx
-        for i, j in enumerate(idx):
-            out[j] += recv[i]
-    return out
+    return PendingReduce(owned, recv, work, p.send_idx, timeout, what)
+
+
+def _reduce_scatter(x_HX: torch.Tensor, mat: Materialization, group, traffic, timeout, what) -> torch.Tensor:
+    return launch_reduce_scatter(x_HX, mat, group, traffic=traffic, timeout=timeout, what=what).result()
 
 
 class _SparseAllGather(torch.autograd.Function):

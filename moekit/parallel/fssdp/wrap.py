@@ -26,9 +26,10 @@ Each step (at the model's forward):
 4. tokens go to a holder of their expert: this rank if it holds it, else the holders on this
    rank's node, else all holders, split evenly (each source rank deals its assignments of an
    expert out in turn, starting at its own rank) (:class:`SparseDispatcher`);
-5. in backward, the SparseAllGather's backward is the SparseReduceScatter: owners' ``.grad``
-   receive the sum of their replicas' gradients, divided by W (DDP averages the dense
-   gradients, so the whole model follows the mean of the ranks' local losses).
+5. in backward, the SparseAllGather's backward launches the SparseReduceScatter asynchronously
+   (it runs while the layers below do their backward); when backward ends, owners' ``.grad``
+   hold the sum of their copies' gradients, divided by W (DDP averages the dense gradients, so
+   the whole model follows the mean of the ranks' local losses), before ``opt.step()``.
 
 Training contract::
 
@@ -75,8 +76,8 @@ from moekit.parallel.expert_parallel import (DEFAULT_TIMEOUT, AllToAllDispatcher
                                              _group_of, _layer_signature, expert_param_names)
 from moekit.parallel.fssdp.materialize import LoadWindow, choose_materialization, overlap_degree
 from moekit.parallel.fssdp.sharding import move_owned_rows, reshard_owners
-from moekit.parallel.fssdp.sparse import (Materialization, PendingGather, Traffic, launch_all_gather,
-                                          sparse_all_gather)
+from moekit.parallel.fssdp.sparse import (Materialization, PendingGather, PendingReduce, Traffic, launch_all_gather,
+                                          launch_reduce_scatter)
 from moekit.parallel.global_batch import GroupBatch
 from moekit.parallel.placement import LayerPlacement
 
@@ -144,15 +145,31 @@ class FSSDPExperts(nn.Module):
     def _compute(self, x_MD, tokens_per_slot_S, w_in, w_out, mat):
         c = self._ctl
         pending, self._pending = self._pending, None  # a recompute in backward fetches again
-        w_HX = sparse_all_gather(self._pack(w_in, w_out), mat, c.wgroup, traffic=c.spag_traffic,
-                                 timeout=c.timeout, grad_scale=c.grad_scale, pending=pending,
-                                 grad_traffic=c.sprs_traffic)
+        if pending is None:
+            pending = launch_all_gather(self._pack(w_in, w_out).detach(), mat, c.wgroup, traffic=c.spag_traffic,
+                                        timeout=c.timeout, what=f"SparseAllGather of layer {c.names[self.index]!r}")
+        w_HX = _Materialize.apply(self._pack(w_in, w_out), self, mat, pending)
         self._live = [r for r in self._live if r() is not None] + [weakref.ref(w_HX)]
         w_in_H, w_out_H = self._unpack(w_HX)
         H = w_HX.shape[0]
         name = resolve_backend(self.config.backend, x_MD.device, x_MD.dtype,
                                (x_MD.shape[-1], w_in_H.shape[1], w_out_H.shape[-1]))
         return BACKENDS[name](x_MD, tokens_per_slot_S[:H], w_in_H, w_out_H, self.config.activation)
+
+    @torch.no_grad()
+    def _add_remote_grads(self, pr: PendingReduce) -> None:
+        """End of backward: wait for the spRS launched in backward and add the other holders'
+        rows (times the gradient scale) to the owned experts' ``.grad``, in ascending source rank."""
+        recv_nX, idx = pr.wait()
+        if not idx or self.w_in.grad is None or self.w_out.grad is None:
+            return
+        n_in = int(torch.Size(self.in_shape).numel())
+        recv_nX = recv_nX * self._ctl.grad_scale if self._ctl.grad_scale != 1.0 else recv_nX
+        g_in = recv_nX[:, :n_in].reshape(-1, *self.in_shape)
+        g_out = recv_nX[:, n_in:].reshape(-1, *self.out_shape)
+        for i, j in enumerate(idx):
+            self.w_in.grad[j] += g_in[i]
+            self.w_out.grad[j] += g_out[i]
 
     def live_materialized_bytes(self) -> int:
         """Bytes of replica weights (non-owned rows of materialised tensors) still alive."""
@@ -180,6 +197,31 @@ class FSSDPExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"owned={self.owned_ids}, in={self.in_shape}, out={self.out_shape}"
+
+
+class _Materialize(torch.autograd.Function):
+    """x_OX (owned rows, packed) -> x_HX (held rows): the layer's SparseAllGather (already
+    launched: ``pending``). Backward: the SparseReduceScatter is launched asynchronously; the
+    owned rows' own gradient returns at once and the other holders' rows are added to the
+    owners' ``.grad`` when backward ends (an autograd engine callback), so the exchange overlaps
+    the backward of the layers below."""
+
+    @staticmethod
+    def forward(ctx, x_OX, experts: "FSSDPExperts", mat: Materialization, pending: PendingGather):
+        ctx.experts, ctx.mat = experts, mat
+        return pending.wait()
+
+    @staticmethod
+    def backward(ctx, grad_HX):
+        ex: FSSDPExperts = ctx.experts
+        c = ex._ctl
+        pr = launch_reduce_scatter(grad_HX, ctx.mat, c.wgroup, traffic=c.sprs_traffic, timeout=c.timeout,
+                                   what=f"SparseReduceScatter of layer {c.names[ex.index]!r}")
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: ex._add_remote_grads(pr))
+        g = pr.owned
+        if c.grad_scale != 1.0:
+            g = g * c.grad_scale
+        return g, None, None, None
 
 
 class SparseDispatcher(AllToAllDispatcher):
