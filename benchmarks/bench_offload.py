@@ -666,6 +666,12 @@ def _e2e_summary(info: dict, disk: dict, runs: dict, model_dir: Path, budget: in
                      read_seconds_share_of_decode=statistics.median(
                          rs[i]["metrics"]["read_seconds"] / rs[i]["seconds"] for i in range(len(rs))),
                      peak_expert_bytes=max(m["peak_expert_bytes"] for m in ms))
+            # a decode step's measured terms beside the throughput model's (ms, medians over rounds)
+            terms = [f"decode_{k}_seconds" for k in ("step", "demand_read", "expert_compute", "prefetch_wait", "other")]
+            terms += [f"predicted_{k}_seconds" for k in ("step", "dense", "expert_compute", "demand_read",
+                                                         "prefetch_read")]
+            s["decode_step_breakdown_ms"] = {k: 1000 * statistics.median(m[k] for m in ms)
+                                             for k in terms if all(m.get(k) is not None for m in ms)}
             # the I/O bound: the measured device rate over the bytes a decode token needs
             s["io_bound_decode_tokens_per_s"] = disk["bytes_per_s"] / s["bytes_per_decode_token"] \
                 if s["bytes_per_decode_token"] else None

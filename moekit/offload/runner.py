@@ -126,6 +126,7 @@ class OffloadedModel:
         self.model_dir, self.store_dir, self.device = model_dir, store_dir, device
         self._forward_calls = 0
         self._first_forward_end: Optional[float] = None
+        self._prefill_counters: Optional[dict] = None   # counters when the prefill ended
         self._calibrating = False
         self.prefetcher = None   # a moekit.offload.prefetch.Prefetcher when prefetch is on
         self.rates = None        # moekit.offload.throughput.Rates once calibrate() ran
@@ -145,6 +146,7 @@ class OffloadedModel:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self._first_forward_end = time.perf_counter()
+            self._prefill_counters = self._counters()
 
     def calibrate(self, **kwargs):
         """Measure the rates the throughput model needs (:func:`moekit.offload.throughput.calibrate`);
@@ -196,7 +198,7 @@ class OffloadedModel:
             generate_kwargs.setdefault("pad_token_id", getattr(self.model.generation_config, "eos_token_id", None) or 0)
         before = self._counters()
         self.weights.reset_peak()
-        self._forward_calls, self._first_forward_end = 0, None
+        self._forward_calls, self._first_forward_end, self._prefill_counters = 0, None, None
         t0 = time.perf_counter()
         out = self.model.generate(input_ids, max_new_tokens=max_new_tokens, **generate_kwargs)
         if self.device.type == "cuda":
@@ -372,8 +374,27 @@ class OffloadedModel:
             "min_budget_bytes": int(self.min_budget_bytes), "expert_bytes_total": int(self.store.index.total_bytes),
             "policy": self.cache.policy_name, "page_cache": getattr(self.store, "page_cache", "ram"),
             **self._prefetch_metrics(d, B, decode_tokens),
+            **self._decode_breakdown(b, decode_tokens, decode_s),
             **self._model_metrics(d, B, decode_tokens),
         }
+
+    def _decode_breakdown(self, end: dict, decode_tokens: int, decode_s: float) -> dict[str, Any]:
+        """Where a decode step's wall time went (decode steps only, the prefill's share left out),
+        per step: ``decode_step_seconds``, ``decode_demand_read_seconds`` (demand loads on the
+        critical path), ``decode_expert_compute_seconds`` (expert MLPs), ``decode_prefetch_wait_seconds``
+        (blocked on a read in flight) and ``decode_other_seconds`` (the rest: dense part, routing,
+        dispatch, bookkeeping); beside the throughput model's terms they show which one is off."""
+        a = self._prefill_counters
+        if a is None or not decode_tokens:
+            return {}
+        n = decode_tokens
+        out = {"decode_step_seconds": decode_s / n,
+               "decode_demand_read_seconds": (end["load_seconds"] - a["load_seconds"]) / n,
+               "decode_expert_compute_seconds": (end["compute_seconds"] - a["compute_seconds"]) / n,
+               "decode_prefetch_wait_seconds": (end["prefetch_wait_seconds"] - a["prefetch_wait_seconds"]) / n}
+        out["decode_other_seconds"] = out["decode_step_seconds"] - out["decode_demand_read_seconds"] - \
+            out["decode_expert_compute_seconds"] - out["decode_prefetch_wait_seconds"]
+        return out
 
     def _prefetch_metrics(self, d, B, decode_tokens) -> dict[str, Any]:
         """``prefetch`` (on/off), ``prefetch_horizon`` (last look-ahead used), ``prediction_recall``
@@ -407,7 +428,10 @@ class OffloadedModel:
         """With :meth:`calibrate` done: ``predicted_decode_tokens_per_s`` and ``predicted_bound``
         from :func:`moekit.offload.throughput.predict_decode` on the calibrated rates and this
         run's measured decode hit rate and prefetch reads; ``predicted_io_bound_tokens_per_s``,
-        ``predicted_compute_bound_tokens_per_s``."""
+        ``predicted_compute_bound_tokens_per_s``; per decode step (seconds, to set beside the
+        measured ``decode_*_seconds``): ``predicted_step_seconds``, ``predicted_dense_seconds``,
+        ``predicted_expert_compute_seconds``, ``predicted_demand_read_seconds``,
+        ``predicted_prefetch_read_seconds`` (background)."""
         if self.rates is None or not decode_tokens:
             return {}
         from moekit.offload.throughput import ModelShape, predict_decode
@@ -419,7 +443,12 @@ class OffloadedModel:
         shape = ModelShape.of_store(self.store.index)
         p = predict_decode(shape, self.rates, hit_rate=d["decode_hits"] / req, batch=B,
                            prefetch_reads=d["decode_prefetched"] / steps, requests=req / steps)
+        t_dense = self.rates.dense_seconds * B / max(self.rates.dense_batch, 1)
         return {"predicted_decode_tokens_per_s": p.tokens_per_s, "predicted_bound": p.bound,
+                "predicted_step_seconds": p.step_seconds, "predicted_dense_seconds": t_dense,
+                "predicted_expert_compute_seconds": p.compute_seconds - t_dense,
+                "predicted_demand_read_seconds": p.demand_read_seconds,
+                "predicted_prefetch_read_seconds": p.prefetch_read_seconds,
                 "predicted_io_bound_tokens_per_s": p.io_bound_tokens_per_s,
                 "predicted_compute_bound_tokens_per_s": p.compute_bound_tokens_per_s,
                 "calibrated_rates": {k: v for k, v in vars(self.rates).items()}}

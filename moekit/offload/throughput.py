@@ -15,7 +15,7 @@ experts read ahead per step on the background thread)::
     requests   = L * distinct(B),  distinct(B) = E * (1 - (1 - K/E)^B)
     demand     = requests * (1 - hit_rate)                      experts read on the critical path
     t_read(n)  = n * (latency + expert_bytes / read_bandwidth)
-    t_compute  = dense(B) + requests * t_expert(B / distinct(B) tokens per expert)
+    t_compute  = dense(B) + requests * t_expert(B / distinct(B) tokens per expert) + L * t_access
     t_step     = max(t_compute + t_read(demand),                compute and demand reads are serial
                      t_read(demand) + t_read(prefetch_reads))   the link carries every read once
 
@@ -46,7 +46,9 @@ class Rates:
     LM head); ``expert_seconds``: one expert's MLP on one token (``expert_seconds_per_token``
     added per further token); ``slow_compute_factor``: host compute time / fast-tier compute
     time of the same expert (1.0 on a CPU-only machine); ``h2d_bandwidth``: bytes/s to move
-    activations between host and device (for the miss decision on a GPU)."""
+    activations between host and device (for the miss decision on a GPU); ``access_seconds``:
+    the cache's bookkeeping per layer access (policy, residency; host Python, on the critical
+    path of every MoE layer of every step)."""
 
     read_bandwidth: float
     dense_seconds: float
@@ -56,14 +58,15 @@ class Rates:
     dense_batch: int = 1
     slow_compute_factor: float = 1.0
     h2d_bandwidth: Optional[float] = None
+    access_seconds: float = 0.0
 
     def __post_init__(self):
         for name in ("read_bandwidth", "dense_seconds", "expert_seconds"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"Rates.{name} must be a positive number, got {v!r}")
-        if self.read_latency < 0 or self.expert_seconds_per_token < 0:
-            raise ValueError("Rates.read_latency and expert_seconds_per_token must be >= 0")
+        if self.read_latency < 0 or self.expert_seconds_per_token < 0 or self.access_seconds < 0:
+            raise ValueError("Rates.read_latency, expert_seconds_per_token and access_seconds must be >= 0")
 
     def read_seconds(self, n_experts: float, expert_bytes: float) -> float:
         return n_experts * (self.read_latency + expert_bytes / self.read_bandwidth)
@@ -129,7 +132,8 @@ def predict_decode(shape: ModelShape, rates: Rates, *, hit_rate: float, batch: i
     req = shape.num_layers * per_layer if requests is None else float(requests)
     demand = req * (1.0 - hit_rate)
     t_dense = rates.dense_seconds * batch / max(rates.dense_batch, 1)
-    t_compute = t_dense + req * rates.expert_compute_seconds(batch * shape.top_k / max(per_layer, 1e-12))
+    t_compute = t_dense + req * rates.expert_compute_seconds(batch * shape.top_k / max(per_layer, 1e-12)) \
+        + shape.num_layers * rates.access_seconds
     t_demand = rates.read_seconds(demand, shape.expert_bytes)
     t_pref = rates.read_seconds(prefetch_reads, shape.expert_bytes)
     t_step = max(t_compute + t_demand, t_demand + t_pref)
@@ -208,6 +212,37 @@ def _median_time(fn, repeat: int) -> float:
     return statistics.median(ts)
 
 
+def _mean_time(fn, repeat: int) -> float:
+    """Mean seconds of ``fn`` over ``repeat`` calls: what a throughput pays (a median drops the
+    slow calls a shared or busy machine makes, and under-predicts step times)."""
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def _access_seconds(cache, repeat: int = 64, seed: int = 0) -> float:
+    """Mean seconds of one :meth:`ExpertCache.access` of top-k experts, on a scratch cache of the same
+    budget, quotas and policy (the run's cache is left alone), after a warm-up that fills it."""
+    import random
+
+    from moekit.offload.cache import ExpertCache
+
+    scratch = ExpertCache(cache.budget_bytes, cache.expert_bytes, cache.num_experts, cache.top_k,
+                          policy=cache.policy_name if cache.policy_name != "belady" else "lru", quotas=cache.quotas)
+    rng = random.Random(seed)
+    L, E, K = cache.num_layers, cache.num_experts, cache.top_k
+    sets = [(i % L, rng.sample(range(E), K)) for i in range(2 * repeat)]
+    for layer, ex in sets[:repeat]:
+        scratch.access(layer, ex)
+    t0 = time.perf_counter()
+    for layer, ex in sets[repeat:]:
+        if cache.policy_name == "predictive":
+            scratch.observe_prediction(layer, ex)
+        scratch.access(layer, ex)
+    return (time.perf_counter() - t0) / repeat
+
+
 def calibrate(om, *, reads: int = 16, repeat: int = 7, context: int = 16, batch: int = 1) -> Rates:
     """Measure the rates of ``om`` (an :class:`~moekit.offload.runner.OffloadedModel`) with
     probes that do not touch its cache or counters:
@@ -216,11 +251,14 @@ def calibrate(om, *, reads: int = 16, repeat: int = 7, context: int = 16, batch:
       layers (the slowest expert sizes included); bandwidth = bytes / seconds of the reads,
       the latency term from one small and one large read is left at 0 (one expert size per
       model): the bandwidth then includes per-read overheads, which is what a miss costs.
-    - one expert's MLP on 1 and 2 rows (median), on the compute device, cycling through the
+    - one expert's MLP on 1 and 2 rows (mean), on the compute device, cycling through the
       experts just read so the weights come from memory as in a decode step, not from a warm
       CPU cache (a 1-row MLP is memory-bound: timing one warm expert underestimates it ~several x);
     - the dense part: a 1-token forward at ``context`` tokens of KV cache, with the experts
-      returning zeros (``runtime.dry``), median of ``repeat``; prefetch hooks are paused.
+      returning zeros (``runtime.dry``), mean of ``repeat``; prefetch hooks are paused;
+    - the cache's bookkeeping per layer access, on a scratch cache of the same quotas and
+      policy (:func:`_access_seconds`).
+    Means, not medians: a throughput pays for the slow calls too.
     """
     import torch
 
@@ -267,8 +305,8 @@ def calibrate(om, *, reads: int = 16, repeat: int = 7, context: int = 16, batch:
     with torch.no_grad():
         for _ in range(2):
             mlp(x1)
-        t1 = _median_time(lambda: mlp(x1), max(repeat * 4, 2 * len(held)))
-        t2 = _median_time(lambda: mlp(x2), max(repeat * 4, 2 * len(held)))
+        t1 = _mean_time(lambda: mlp(x1), max(repeat * 4, 2 * len(held)))
+        t2 = _mean_time(lambda: mlp(x2), max(repeat * 4, 2 * len(held)))
     del w, held
     # dense part: experts dry, prefetch paused, one decode step after `context` tokens
     model = om.model
@@ -295,7 +333,7 @@ def calibrate(om, *, reads: int = 16, repeat: int = 7, context: int = 16, batch:
                 sync()
 
             one()
-            dense = _median_time(one, repeat)
+            dense = _mean_time(one, repeat)
     finally:
         rt.dry = False
         om._calibrating = hooks_were
@@ -303,4 +341,5 @@ def calibrate(om, *, reads: int = 16, repeat: int = 7, context: int = 16, batch:
             prefetcher.paused = False
     h2d = bandwidth if rt.device.type == "cuda" else None
     return Rates(read_bandwidth=bandwidth, dense_seconds=dense, expert_seconds=t1,
-                 expert_seconds_per_token=max(t2 - t1, 0.0), dense_batch=batch, h2d_bandwidth=h2d)
+                 expert_seconds_per_token=max(t2 - t1, 0.0), dense_batch=batch, h2d_bandwidth=h2d,
+                 access_seconds=_access_seconds(om.cache))

@@ -42,6 +42,15 @@ def test_decode_step_without_prefetch_is_compute_plus_demand_reads():
     assert q.bound == "compute" and q.tokens_per_s == pytest.approx(1 / 0.018) and math.isinf(q.io_bound_tokens_per_s)
 
 
+def test_cache_bookkeeping_per_layer_access_is_on_the_critical_path():
+    shape = ModelShape(num_layers=4, num_experts=8, top_k=2, expert_bytes=10 * MiB)
+    base = predict_decode(shape, _rates(), hit_rate=1.0)
+    p = predict_decode(shape, _rates(access_seconds=0.0005), hit_rate=1.0)
+    assert p.compute_seconds == pytest.approx(base.compute_seconds + 4 * 0.0005)
+    with pytest.raises(ValueError, match="access_seconds"):
+        _rates(access_seconds=-1.0)
+
+
 def test_prefetch_reads_overlap_compute_until_the_link_is_full():
     shape = ModelShape(num_layers=4, num_experts=8, top_k=2, expert_bytes=1 * MiB)
     r = _rates(read_latency=0.001)
@@ -126,10 +135,19 @@ def test_calibrate_and_cli_report_prediction(tmp_path, capsys):
             assert (om.store.bytes_read, om.cache.stats["prefill"].requests,
                     om.cache.stats["decode"].requests) == before
             assert rates.read_bandwidth > 0 and rates.dense_seconds > 0 and rates.expert_seconds > 0
+            assert rates.access_seconds > 0               # timed on a scratch cache: the run's is untouched
             r = om.generate(PROMPT, max_new_tokens=6)
             assert r.generated_ids[0] == want
             m = r.metrics
             assert m["predicted_decode_tokens_per_s"] > 0 and m["predicted_bound"] in ("io", "compute")
+            # measured and predicted terms of a decode step, side by side
+            parts = ("demand_read", "expert_compute", "prefetch_wait", "other")
+            assert m["decode_step_seconds"] == pytest.approx(sum(m[f"decode_{k}_seconds"] for k in parts))
+            assert m["decode_step_seconds"] == pytest.approx(m["decode_seconds"] / 5)
+            assert m["decode_expert_compute_seconds"] > 0 and m["decode_demand_read_seconds"] >= 0
+            assert m["predicted_step_seconds"] == pytest.approx(1 / m["predicted_decode_tokens_per_s"])
+            assert m["predicted_dense_seconds"] == pytest.approx(rates.dense_seconds)
+            assert m["predicted_expert_compute_seconds"] > 0 and m["predicted_demand_read_seconds"] >= 0
         rc = main(["run", "--model", str(d), "--budget", "1GiB", "--prompt-ids", ",".join(map(str, PROMPT)),
                    "--max-new-tokens", "6", "--json"])
         out = json.loads(capsys.readouterr().out)
