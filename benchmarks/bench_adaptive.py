@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # checkout, no install: last, so
+# its kernels/ folder cannot shadow the kernels distribution that transformers imports
 
 from moekit import MoEConfig, MoELayer  # noqa: E402
 

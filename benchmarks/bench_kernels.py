@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # checkout, no install: last, so
+    # its kernels/ folder cannot shadow the kernels distribution that transformers imports
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     print(f"command: {command}")
     if not args.cpu_smoke and not torch.cuda.is_available():

@@ -72,7 +72,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # checkout, no install: last, so
+# its kernels/ folder cannot shadow the kernels distribution that transformers imports
 
 import moekit.experts.cpu as moekit_cpu  # noqa: E402
 from moekit.config import MoEConfig  # noqa: E402

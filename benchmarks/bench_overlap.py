@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # checkout, no install: last, so
+# its kernels/ folder cannot shadow the kernels distribution that transformers imports
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import cpu_model  # noqa: E402

@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 source scripts/_venv.sh "[test]"
 export TRITON_INTERPRET=1          # Triton kernels run in the interpreter on CPU
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-exec .venv/bin/python -m pytest -q "$@"
+# -P: the repository root stays off sys.path (its kernels/ folder, the source of moekit.kernels,
+# would shadow the kernels distribution that transformers imports)
+exec .venv/bin/python -P -m pytest -q "$@"
