@@ -318,7 +318,7 @@ class ChunkTuner:
     (``trials`` each, in order), then keep the one whose slowest rank was fastest. The decision
     is one all-reduce of the measured times, so every rank picks the same degree."""
 
-    def __init__(self, candidates, trials: int = 2):
+    def __init__(self, candidates, trials: int = 3):
         self.candidates, self.trials = tuple(candidates), trials
         self.chosen: dict[int, int] = {}
         self._times: dict[int, list[list[float]]] = {}
