@@ -40,10 +40,10 @@ def _total(v: int) -> int:
 
 
 def scenario_sparse(rank, W):
-    """Exact against dense references on 12 random placements; bytes = REFERENCE §2 formulas."""
+    """Exact against dense references on 8 random placements; bytes = REFERENCE §2 formulas."""
     rng = random.Random(1234)  # the same placements on every rank
     E_ = 7
-    for trial in range(12):
+    for trial in range(8):
         mat = _random_mat(rng, W, E_)
         if trial == 0:
             mat = Materialization.owners_only([e % W for e in range(E_)], W)
@@ -122,7 +122,7 @@ def _compare(model, ref, tol, what):
         torch.testing.assert_close(full[n], t, **tol, msg=lambda m: f"{what}: {n}: {m}")
 
 
-def _train(rank, W, opt_name, steps=5, check_bytes=False, **kw):
+def _train(rank, W, opt_name, steps=5, check_bytes=False, need_replicas=True, **kw):
     """``steps`` steps of fssdp(model) vs the reference on the global batch (mean of the ranks'
     losses); returns (model, ref, optimizer)."""
     ref = make_net()
@@ -150,7 +150,7 @@ def _train(rank, W, opt_name, steps=5, check_bytes=False, **kw):
             assert got_ag == fetches * sum(ledger.spag_bytes(m, p, 8) for m in ctl.mats), (step, got_ag)
             assert got_rs == sum(ledger.sprs_bytes(m, p, 8) for m in ctl.mats), (step, got_rs)
         opt.step()
-    assert replicas_seen > 0, "no expert was ever replicated: the test does not exercise P'"
+    assert replicas_seen > 0 or not need_replicas, "no expert was ever replicated: the test does not exercise P'"
     tol = dict(rtol=1e-9, atol=1e-9) if opt_name == "sgd" else dict(rtol=1e-5, atol=1e-5)
     _compare(model, ref, tol, f"after {steps} {opt_name} steps {kw}")
     return model, ref, opt
@@ -165,15 +165,17 @@ def scenario_train(rank, W):
 
 
 def scenario_remat(rank, W):
-    """The same with re-materialisation, SGD with t measured (overlap="auto")."""
+    """The same with re-materialisation, SGD with t from the overlap rule (overlap="auto"); its
+    Adam run (and memory ledger) is in scenario_reshard."""
     _train(rank, W, "sgd", check_bytes=True, remat=True, overlap="auto", bandwidth=1e12)
-    model, ref, opt = _train(rank, W, "adam", remat=True)
-    _check_ledger(rank, W, model, opt, remat=True)
+    if W == 2:  # t from the measured link and non-MoE time: whatever P' it gives, the same result
+        _train(rank, W, "sgd", steps=3, need_replicas=False, overlap="auto")
 
 
 def scenario_reshard(rank, W):
     """Re-sharding after steps 2 and 4 moves parameters and Adam state: training continues
-    identically; every rank owns the same total; the owners changed."""
+    identically (SGD; Adam with re-materialisation, then its memory ledger); every rank owns the
+    same total; the owners changed."""
     for opt_name, remat in (("sgd", False), ("adam", True)):
         model, ref, opt = _train(rank, W, opt_name, reshard_every=2, remat=remat)
         ctl = fssdp_state(model)
@@ -184,6 +186,8 @@ def scenario_reshard(rank, W):
         owned_here = sum(len(m.experts.owned_ids) for m in (model.module.moe1, model.module.moe2))
         assert owned_here == totals[rank]
         assert _total(ctl.move_traffic.bytes_sent) > 0
+        if remat:
+            _check_ledger(rank, W, model, opt, remat=True)
 
 
 def _check_ledger(rank, W, model, opt, remat):
@@ -267,7 +271,7 @@ def scenario_dispatch(rank, W):
 def scenario_errors(rank, W):
     expect(ValueError, "no MoELayer", lambda: fssdp(nn.Linear(2, 2)))
     expect(ValueError, "overlap", lambda: fssdp(make_net(), overlap=-1))
-    expect(ValueError, "bandwidth", lambda: fssdp(make_net(), overlap="auto"))
+    expect(ValueError, "bandwidth", lambda: fssdp(make_net(), overlap="auto", bandwidth=-1.0))
 
 
 SCENARIOS = {"sparse": scenario_sparse, "train": scenario_train, "remat": scenario_remat,

@@ -453,7 +453,9 @@ def fssdp(model: nn.Module, group=None, *, memory_cap: Optional[int] = None, ove
         memory_cap: m, non-owned experts a rank may materialise per layer (default ceil(E/W):
             twice expert parallelism's expert memory at most).
         overlap: t, an int, None (no limit: the memory cap decides) or "auto" (measured: the
-            non-MoE time before each layer, averaged over ranks, times ``bandwidth`` bytes/s).
+            non-MoE time before each layer in the previous step, averaged over ranks, times
+            ``bandwidth`` bytes/s, divided by an expert's bytes).
+        bandwidth: for "auto"; None: measured once here (``measure_link``'s all-to-all fit).
         window: steps of loads averaged (Hecate: 5).
         remat: re-materialisation (free replicas after forward, fetch again in backward).
         reshard_every: R; re-shard after every R-th optimizer step (needs :func:`attach_optimizer`).
@@ -474,8 +476,8 @@ def fssdp(model: nn.Module, group=None, *, memory_cap: Optional[int] = None, ove
         raise ValueError(f"fssdp: dense must be 'ddp' or None, got {dense!r}")
     if overlap not in (None, "auto") and (not isinstance(overlap, int) or overlap < 0):
         raise ValueError(f"fssdp: overlap must be a non-negative int, None or 'auto', got {overlap!r}")
-    if overlap == "auto" and not (isinstance(bandwidth, (int, float)) and bandwidth > 0):
-        raise ValueError(f"fssdp: overlap='auto' needs bandwidth= (bytes/s, > 0), got {bandwidth!r}")
+    if overlap == "auto" and bandwidth is not None and not (isinstance(bandwidth, (int, float)) and bandwidth > 0):
+        raise ValueError(f"fssdp: bandwidth must be bytes/s > 0 (or None: measured), got {bandwidth!r}")
     if reshard_every is not None and (not isinstance(reshard_every, int) or reshard_every < 1):
         raise ValueError(f"fssdp: reshard_every must be a positive int, got {reshard_every!r}")
     if ranks_per_node is not None and (ranks_per_node < 1 or W % ranks_per_node):
@@ -493,6 +495,10 @@ def fssdp(model: nn.Module, group=None, *, memory_cap: Optional[int] = None, ove
     for name, layer in layers:
         if isinstance(layer.dispatcher, AllToAllDispatcher) or not isinstance(layer.experts, GroupedExperts):
             raise ValueError(f"fssdp: layer {name!r} is already parallel or has non-standard experts")
+    if overlap == "auto" and bandwidth is None:  # the group's all-to-all bandwidth, the same on every rank
+        from moekit.parallel.adaptive import measure_link
+
+        bandwidth = measure_link(group, timeout).all_to_all.bandwidth_Bps
     m = -(-E // W) if memory_cap is None else memory_cap
     if not isinstance(m, int) or m < 0:
         raise ValueError(f"fssdp: memory_cap must be a non-negative int, got {memory_cap!r}")
