@@ -91,10 +91,10 @@ class Net(nn.Module):
         return self.moe2(torch.tanh(self.mid(self.moe1(self.inp(x)))))
 
 
-def make_net(seed=0):
+def make_net(seed=0, **cfg_kw):
     """Skewed routing: inputs with a positive mean, routers that favour experts 0 and 1."""
     torch.manual_seed(seed)
-    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F_, num_experts=E, top_k=K)
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F_, num_experts=E, top_k=K, **cfg_kw)
     net = Net(cfg).to(DT)
     with torch.no_grad():
         net.inp.weight.copy_(torch.eye(D) + 0.1 * torch.randn(D, D))
@@ -170,6 +170,31 @@ def scenario_remat(rank, W):
     _train(rank, W, "sgd", check_bytes=True, remat=True, overlap="auto", bandwidth=1e12)
     if W == 2:  # t from the measured link and non-MoE time: whatever P' it gives, the same result
         _train(rank, W, "sgd", steps=3, need_replicas=False, overlap="auto")
+
+
+def scenario_losses(rank, W):
+    """W=3: capacity decided on the global batch (tokens dropped), aux and z losses (their scale
+    set to W, as DDP averages): 4 SGD steps equal the single device."""
+    if W != 3:
+        return
+    from moekit import set_aux_loss_scale
+
+    kw = dict(capacity_factor=1.0, aux_loss_coef=0.01, z_loss_coef=0.001)
+    ref = make_net(**kw)
+    model = fssdp(copy.deepcopy(ref), memory_cap=2)
+    set_aux_loss_scale(model.module, float(W))
+    opt_r, opt = torch.optim.SGD(ref.parameters(), lr=0.2), torch.optim.SGD(model.parameters(), lr=0.2)
+    x, gy, bounds = batch(W)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    for _ in range(4):
+        opt_r.zero_grad()
+        ((ref(x) * gy).sum() / W).backward()
+        opt_r.step()
+        opt.zero_grad()
+        (model(x[lo:hi]) * gy[lo:hi]).sum().backward()
+        opt.step()
+    assert int(ref.moe1.tokens_per_expert.sum()) < K * x.shape[0]  # capacity dropped some
+    _compare(model, ref, dict(rtol=1e-6, atol=1e-7), "capacity + aux/z losses")  # the router computes in fp32
 
 
 def scenario_reshard(rank, W):
@@ -275,7 +300,7 @@ def scenario_errors(rank, W):
 
 
 SCENARIOS = {"sparse": scenario_sparse, "train": scenario_train, "remat": scenario_remat,
-             "reshard": scenario_reshard, "state_dict": scenario_state_dict,
+             "reshard": scenario_reshard, "losses": scenario_losses, "state_dict": scenario_state_dict,
              "disagree": scenario_disagree, "dispatch": scenario_dispatch, "errors": scenario_errors}
 
 

@@ -298,7 +298,7 @@ class FSSDPController:
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         ranks = dist.get_process_group_ranks(group)
-        self.wgroup = dist.new_group(ranks=ranks)  # the sparse collectives' own sequence
+        self.wgroup = dist.new_group(ranks=ranks, timeout=timeout)  # the sparse collectives' own sequence
         self.names = [n for n, _ in layers]
         self.layers = [m for _, m in layers]
         self.memory_cap, self.overlap, self.bandwidth = memory_cap, overlap, bandwidth
@@ -519,7 +519,7 @@ def fssdp(model: nn.Module, group=None, *, memory_cap: Optional[int] = None, ove
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
-        dgroup = dist.new_group(ranks=dist.get_process_group_ranks(group))
+        dgroup = dist.new_group(ranks=dist.get_process_group_ranks(group), timeout=timeout)
         with warnings.catch_warnings():  # the layers' load counters are rank-local: never synced
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             return DDP(model, process_group=dgroup, broadcast_buffers=False)
