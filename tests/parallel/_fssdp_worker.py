@@ -238,22 +238,46 @@ def _check_ledger(rank, W, model, opt, remat):
 
 
 def scenario_state_dict(rank, W):
-    """full_state_dict is independent of the owner map; load_full_state_dict into a model with
-    other owners gives the same full state dict and forward."""
-    model, ref, opt = _train(rank, W, "sgd", steps=2, reshard_every=1)
-    sd = full_state_dict(model.module)
+    """Checkpoints independent of the owner map: after 2 Adam steps with re-sharding, the full
+    state dict and full optimizer state loaded into a model converted afresh (other owners,
+    another memory cap) resume training: 2 more steps equal the single device's 4; the full
+    state dict also loads into the single-device model."""
+    from moekit.parallel.fssdp import full_optim_state, load_full_optim_state
+
+    model, ref, opt = _train(rank, W, "adam", steps=2, reshard_every=1)
+    sd, osd = full_state_dict(model.module), full_optim_state(model, opt)
     other = fssdp(make_net(seed=7), memory_cap=1)
+    assert fssdp_state(other).owners != fssdp_state(model).owners
     load_full_state_dict(other.module, sd)
     sd2 = full_state_dict(other.module)
     assert sd.keys() == sd2.keys()
     for k in sd:
         assert torch.equal(sd[k], sd2[k]), k
+    opt2 = torch.optim.Adam(other.parameters(), lr=1e-2)
+    load_full_optim_state(other, opt2, osd)
+    osd2 = full_optim_state(other, opt2)
+    for n in osd:
+        for k in osd[n]:
+            assert torch.equal(osd[n][k], osd2[n][k]), (n, k)
+    x, gy, bounds = batch(W)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    opt_r = torch.optim.Adam(ref.parameters(), lr=1e-2)
     single = make_net(seed=9)
     single.load_state_dict(sd)
-    x, gy, bounds = batch(W)
     with torch.no_grad():
-        torch.testing.assert_close(other(x[bounds[rank]:bounds[rank + 1]]), single(x)[bounds[rank]:bounds[rank + 1]],
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(other(x[lo:hi]), single(x)[lo:hi], rtol=1e-12, atol=1e-12)
+    # the reference continues from the same state: rebuild its Adam state from the full one
+    ref_params = dict(ref.named_parameters())
+    for n, st in osd.items():
+        opt_r.state[ref_params[n]] = {k: v.clone() for k, v in st.items()}
+    for _ in range(2):
+        opt_r.zero_grad()
+        ((ref(x) * gy).sum() / W).backward()
+        opt_r.step()
+        opt2.zero_grad()
+        (other(x[lo:hi]) * gy[lo:hi]).sum().backward()
+        opt2.step()
+    _compare(other, ref, dict(rtol=1e-5, atol=1e-5), "resumed from a full checkpoint")
 
 
 def scenario_disagree(rank, W):
