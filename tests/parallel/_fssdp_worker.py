@@ -122,14 +122,17 @@ def _compare(model, ref, tol, what):
         torch.testing.assert_close(full[n], t, **tol, msg=lambda m: f"{what}: {n}: {m}")
 
 
+def _optimizer(name, params):
+    return torch.optim.SGD(params, lr=0.2) if name == "sgd" else torch.optim.Adam(params, lr=1e-2)
+
+
 def _train(rank, W, opt_name, steps=5, check_bytes=False, need_replicas=True, **kw):
     """``steps`` steps of fssdp(model) vs the reference on the global batch (mean of the ranks'
     losses); returns (model, ref, optimizer)."""
     ref = make_net()
     model = fssdp(copy.deepcopy(ref), memory_cap=2, **kw)
     ctl = fssdp_state(model)
-    mk = (lambda ps: torch.optim.SGD(ps, lr=0.2)) if opt_name == "sgd" else (lambda ps: torch.optim.Adam(ps, lr=1e-2))
-    opt_r, opt = mk(ref.parameters()), mk(model.parameters())
+    opt_r, opt = _optimizer(opt_name, ref.parameters()), _optimizer(opt_name, model.parameters())
     attach_optimizer(model, opt)
     x, gy, bounds = batch(W)
     lo, hi = bounds[rank], bounds[rank + 1]
@@ -195,6 +198,32 @@ def scenario_losses(rank, W):
         opt.step()
     assert int(ref.moe1.tokens_per_expert.sum()) < K * x.shape[0]  # capacity dropped some
     _compare(model, ref, dict(rtol=1e-6, atol=1e-7), "capacity + aux/z losses")  # the router computes in fp32
+
+
+def scenario_fsdp2(rank, W):
+    """W=2: dense parameters under FSDP2 (dense="fsdp2", in place): 4 SGD and 4 Adam steps equal
+    the single device; the expert parameters stay plain tensors."""
+    if W != 2:
+        return
+    for opt_name in ("sgd", "adam"):
+        ref = make_net()
+        model = fssdp(copy.deepcopy(ref), memory_cap=2, dense="fsdp2")
+        assert not hasattr(model.moe1.experts.w_in, "to_local") and hasattr(model.inp.weight, "to_local")
+        opt_r, opt = _optimizer(opt_name, ref.parameters()), _optimizer(opt_name, model.parameters())
+        x, gy, bounds = batch(W)
+        lo, hi = bounds[rank], bounds[rank + 1]
+        for _ in range(4):
+            opt_r.zero_grad()
+            ((ref(x) * gy).sum() / W).backward()
+            opt_r.step()
+            opt.zero_grad()
+            (model(x[lo:hi]) * gy[lo:hi]).sum().backward()
+            opt.step()
+        full = full_state_dict(model)
+        tol = dict(rtol=1e-9, atol=1e-9) if opt_name == "sgd" else dict(rtol=1e-5, atol=1e-5)
+        for n, t in ref.state_dict().items():
+            got = full[n].full_tensor() if hasattr(full[n], "full_tensor") else full[n]
+            torch.testing.assert_close(got, t, **tol, msg=lambda m: f"fsdp2 {opt_name}: {n}: {m}")
 
 
 def scenario_reshard(rank, W):
@@ -324,7 +353,8 @@ def scenario_errors(rank, W):
 
 
 SCENARIOS = {"sparse": scenario_sparse, "train": scenario_train, "remat": scenario_remat,
-             "reshard": scenario_reshard, "losses": scenario_losses, "state_dict": scenario_state_dict,
+             "reshard": scenario_reshard, "losses": scenario_losses, "fsdp2": scenario_fsdp2,
+             "state_dict": scenario_state_dict,
              "disagree": scenario_disagree, "dispatch": scenario_dispatch, "errors": scenario_errors}
 
 

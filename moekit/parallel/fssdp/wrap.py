@@ -10,7 +10,7 @@ by re-sharding). A layer's ``experts`` becomes an :class:`FSSDPExperts` whose pa
 ``w_in [O_d, H, D]`` / ``w_out [O_d, D, F]`` are the owned experts only (ascending id): they are
 the only expert tensors in ``model.parameters()``, so an ordinary optimizer keeps expert
 optimizer state on the owners only. Dense parameters (routers, shared experts, the rest of the
-model) are replicated under DDP, applied here.
+model) are replicated under DDP (or sharded under FSDP2, ``dense="fsdp2"``), applied here.
 
 Each step (at the model's forward):
 
@@ -420,6 +420,11 @@ class FSSDPController:
             self.reshard(optimizer)
 
 
+def _device_type(model: nn.Module) -> str:
+    p = next(model.parameters(), None)
+    return "cpu" if p is None else p.device.type
+
+
 def _controller(model: nn.Module) -> FSSDPController:
     inner = getattr(model, "module", model)
     ctl = getattr(inner, "_fssdp", None)
@@ -462,18 +467,20 @@ def fssdp(model: nn.Module, group=None, *, memory_cap: Optional[int] = None, ove
         ranks_per_node: rank r is on node r // ranks_per_node (dispatch and placement prefer
             same-node copies); None: one node.
         dense: "ddp" (wrap in DistributedDataParallel over a group of the same ranks, expert
-            parameters ignored; the result is the DDP module) or None (dense gradients left
-            as each rank computes them; expert gradients are then those of the sum of the
-            ranks' losses).
+            parameters ignored; the result is the DDP module), "fsdp2" (``fully_shard`` on the
+            dense parameters over a 1-D mesh of a group of the same ranks, experts ignored, in
+            place: :func:`~moekit.parallel.shard_dense`; ``full_state_dict`` then holds DTensors
+            for them, ``.full_tensor()`` gathers) or None (dense gradients left as each rank
+            computes them; expert gradients are then those of the sum of the ranks' losses).
 
-    Returns the DDP-wrapped model (``dense="ddp"``) or ``model``."""
+    Returns the DDP-wrapped model (``dense="ddp"``) or ``model`` (converted in place)."""
     group = _group_of(group)
     W, rank = dist.get_world_size(group), dist.get_rank(group)
     layers = list(moe_layers(model))
     if not layers:
         raise ValueError("fssdp: the model has no MoELayer")
-    if dense not in ("ddp", None):
-        raise ValueError(f"fssdp: dense must be 'ddp' or None, got {dense!r}")
+    if dense not in ("ddp", "fsdp2", None):
+        raise ValueError(f"fssdp: dense must be 'ddp', 'fsdp2' or None, got {dense!r}")
     if overlap not in (None, "auto") and (not isinstance(overlap, int) or overlap < 0):
         raise ValueError(f"fssdp: overlap must be a non-negative int, None or 'auto', got {overlap!r}")
     if overlap == "auto" and bandwidth is not None and not (isinstance(bandwidth, (int, float)) and bandwidth > 0):
@@ -504,7 +511,7 @@ def fssdp(model: nn.Module, group=None, *, memory_cap: Optional[int] = None, ove
         raise ValueError(f"fssdp: memory_cap must be a non-negative int, got {memory_cap!r}")
     ctl = FSSDPController(model, layers, group, memory_cap=m, overlap=overlap, bandwidth=bandwidth, window=window,
                           remat=remat, reshard_every=reshard_every, ranks_per_node=ranks_per_node, timeout=timeout,
-                          grad_scale=1.0 / W if dense == "ddp" else 1.0)
+                          grad_scale=1.0 / W if dense in ("ddp", "fsdp2") else 1.0)
     for l, (name, layer) in enumerate(layers):
         owned = [e for e in range(E) if ctl.owners[l][e] == rank]
         layer.experts = FSSDPExperts(layer.experts, owned, ctl, l)
@@ -515,6 +522,13 @@ def fssdp(model: nn.Module, group=None, *, memory_cap: Optional[int] = None, ove
         ctl._hooks.append(layer.register_forward_hook(lambda mod, args, out, l=l: ctl.after_layer(l, mod)))
     ctl._hooks.append(model.register_forward_pre_hook(ctl.begin_step))
     model._fssdp = ctl  # a plain attribute: not a submodule, not in the state dict
+    if dense == "fsdp2":  # averages the dense gradients over the mesh, as DDP does
+        from torch.distributed.device_mesh import DeviceMesh
+
+        from moekit.parallel.recipes import shard_dense
+
+        dgroup = dist.new_group(ranks=dist.get_process_group_ranks(group), timeout=timeout)
+        return shard_dense(model, DeviceMesh.from_group(dgroup, device_type=_device_type(model)))
     if dense == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
