@@ -1,9 +1,12 @@
 """FSSDP (Hecate) on gloo at W in {2, 3, 4}: the sparse collectives exact against a dense reference
 on random placements, bytes equal to REFERENCE §2; fssdp() training (5 SGD and 5 Adam steps,
 skewed routing, a rank without tokens) equal to the single-device model on the global batch,
-with and without re-materialisation and across re-sharding steps; the memory ledger; full
-state dicts independent of the owner map; a rank whose P' disagrees raises instead of hanging.
-Algorithm 1 and 2 unit tests run without processes. One spawned process group per W."""
+with and without re-materialisation, with t given, measured or unlimited, and across
+re-sharding steps; capacity and aux/z losses (W=3); dense parameters under FSDP2 (W=2); the
+memory ledger; the dispatch rule; checkpoints (full state dict + full optimizer state)
+independent of the owner map; a rank whose P' disagrees raises instead of hanging.
+Algorithm 1 and 2 and the ledger formulas are unit-tested without processes. One spawned
+process group per W."""
 from __future__ import annotations
 
 import pytest
