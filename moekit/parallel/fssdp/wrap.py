@@ -112,6 +112,11 @@ class FSSDPExperts(nn.Module):
         """p: elements of one expert (w_in and w_out)."""
         return int(torch.Size(self.in_shape).numel() + torch.Size(self.out_shape).numel())
 
+    @property
+    def bytes_per_expert(self) -> int:
+        """Bytes of one expert's weights (what the sparse collectives move per copy)."""
+        return self.elements_per_expert * self.w_in.element_size()
+
     def _pack(self, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
         """[O, H, D], [O, D, F] -> x_OX [O, X] (differentiable)."""
         O = w_in.shape[0]
@@ -349,8 +354,7 @@ class FSSDPController:
             return self.overlap
         if not len(self.window):
             return None
-        bytes_per_expert = layer.experts.elements_per_expert * layer.experts.w_in.element_size()
-        return overlap_degree(self._non_moe_s[l], self.bandwidth, bytes_per_expert)
+        return overlap_degree(self._non_moe_s[l], self.bandwidth, layer.experts.bytes_per_expert)
 
     def set_materializations(self, mats: list[Materialization]) -> None:
         """Use ``mats`` (one P' per layer) for the next forward, after checking that every rank
