@@ -297,7 +297,7 @@ class FSSDPController:
     """Per-model FSSDP state: owners P, the load window, this step's P', traffic counters, the
     hooks. Reachable as ``fssdp_state(model)``."""
 
-    def __init__(self, model: nn.Module, layers, group, *, memory_cap: int, overlap, bandwidth, window: int,
+    def __init__(self, layers, group, *, memory_cap: int, overlap, bandwidth, window: int,
                  remat: bool, reshard_every: Optional[int], ranks_per_node: Optional[int], timeout: timedelta,
                  grad_scale: float):
         self.group = group
@@ -322,7 +322,7 @@ class FSSDPController:
         self._counted = False
         self._non_moe_us = [0] * len(self.layers)
         self._t_mark = None
-        self.digest_check: bool = True
+        self.digest_check: bool = True  # compare P' digests across ranks each step (one all-gather)
         self._hooks = []
 
     # ---- per step --------------------------------------------------------------------------------
@@ -513,7 +513,7 @@ def fssdp(model: nn.Module, group=None, *, memory_cap: Optional[int] = None, ove
     m = -(-E // W) if memory_cap is None else memory_cap
     if not isinstance(m, int) or m < 0:
         raise ValueError(f"fssdp: memory_cap must be a non-negative int, got {memory_cap!r}")
-    ctl = FSSDPController(model, layers, group, memory_cap=m, overlap=overlap, bandwidth=bandwidth, window=window,
+    ctl = FSSDPController(layers, group, memory_cap=m, overlap=overlap, bandwidth=bandwidth, window=window,
                           remat=remat, reshard_every=reshard_every, ranks_per_node=ranks_per_node, timeout=timeout,
                           grad_scale=1.0 / W if dense in ("ddp", "fsdp2") else 1.0)
     for l, (name, layer) in enumerate(layers):
