@@ -11,9 +11,10 @@ the rows exchanged with peer q, where block j of a segment of n rows (one (peer,
 rows ``[n*j//B, n*(j+1)//B)`` and a piece takes block j of each of the peer's S segments, so
 both sides derive every piece's rows and per-slot counts from the counts they already
 exchanged. All messages are point-to-point (``isend``/``irecv``, one per non-empty piece and
-direction, tags by piece), every receive and send of the dispatch is posted at once, sends in
-ring order (rank r sends to r+1, r+2, ... and receives from r-1, r-2, ...: at each step every
-rank sends to a different peer), so the link never idles while pieces remain.
+direction, tags by piece). Every receive is posted first; dispatch sends follow ring order
+(rank r sends to r+1, r+2, ... and receives from r-1, r-2, ...: at each step every rank sends
+to a different peer), all at once when chunked (chunk j of every peer is needed together), peer
+after peer from a sender thread when fine (the peer computed first gets the whole link).
 
 - ``overlap="chunked"`` (Tutel's adaptive pipelining, degree d = B): stage j computes the
   rows of chunk j from *every* source at once (one grouped expert GEMM per chunk, rows
@@ -51,7 +52,7 @@ the reference; ``ranks_per_node`` (2DH) does not combine with overlap (refused).
 from __future__ import annotations
 
 import logging
-import math
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -186,15 +187,20 @@ class _Pipeline:
                 buf = rows_RD.new_empty(n_back, D_out)
                 work = dist.irecv(buf, group=self.group, group_src=q, tag=2 * j + 1) if comm_on else None
                 returns[(q, j)] = (buf, work)
-        if comm_on:  # in the order the receivers consume: block-major when chunked, peer-major when fine
+        sender = None
+        if comm_on:  # in the order the receivers consume
             chunked = any(len(st) > 1 for st in self.stages)
-            order = ([(q, j) for j in range(plan.B) for q in _ring_out(W, rank)] if chunked else
-                     [(q, j) for q in _ring_out(W, rank) for j in range(plan.B)])
-            for q, j in order:
-                if plan.send_rows(q, j):
-                        piece_rows = rows_RD.index_select(0, plan.send_index(q, j))
-                        outbound.append((dist.isend(piece_rows, group=self.group, group_dst=q,
-                                                    tag=2 * j), piece_rows))
+            waves = []  # chunked: one wave, block-major (chunk j from every peer at once); fine: a wave per peer
+            for q in _ring_out(W, rank):
+                msgs = [(q, 2 * j, rows_RD.index_select(0, plan.send_index(q, j)))
+                        for j in range(plan.B) if plan.send_rows(q, j)]
+                waves.append(msgs)
+            if chunked:
+                waves = [[m for j in range(plan.B) for wave in waves for m in wave if m[1] == 2 * j]]
+                outbound += [(dist.isend(t, group=self.group, group_dst=q, tag=tag), t) for q, tag, t in waves[0]]
+            else:
+                sender = _Sender(waves, self.group, self.timeout, f"{self.what}: send")
+                sender.start()
         out_RD = rows_RD.new_zeros(rows_RD.shape[0], D_out)
         for i, stage in enumerate(self.stages):
             xs, counts = [], []
@@ -230,7 +236,36 @@ class _Pipeline:
                 out_RD.index_copy_(0, plan.send_index(q, j), buf)
         for work, _ in outbound:
             comm.wait(work, self.timeout, f"{self.what}: send")
+        if sender is not None:
+            sender.finish()
         return out_RD
+
+
+class _Sender(threading.Thread):
+    """Posts the fine scheme's dispatch sends peer after peer: one peer's blocks at once, the
+    next peer's when those are out. Posted all at once, the W-1 connections would share the
+    rank's link and every peer's rows would arrive near the end of the dispatch; in turn, the
+    peer computed first gets its rows at the full rate. (A thread, because the main thread is
+    computing while the sends drain; ``wait`` releases the GIL.)"""
+
+    def __init__(self, waves, group, timeout: timedelta, what: str):
+        super().__init__(name="moekit-overlap-sender", daemon=True)
+        self.waves, self.group, self.timeout, self.what = waves, group, timeout, what
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            for wave in self.waves:
+                works = [dist.isend(t, group=self.group, group_dst=q, tag=tag) for q, tag, t in wave]
+                for w in works:
+                    comm.wait(w, self.timeout, self.what)
+        except BaseException as exc:  # re-raised on the calling thread by finish()
+            self.error = exc
+
+    def finish(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _keep(t: torch.Tensor) -> torch.Tensor:
