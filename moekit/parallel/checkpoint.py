@@ -36,10 +36,11 @@ PathLike = Union[str, os.PathLike]
 def _ep_group(model: nn.Module):
     """The process group of the model's expert-parallel layers, or None when it has none."""
     for name, layer in moe_layers(model):
-        if hasattr(layer.experts, "full_weights") and not isinstance(layer.dispatcher, AllToAllDispatcher):
+        if hasattr(layer.experts, "full_weights"):  # adaptive (column shards) or FSSDP (owner map)
             raise NotImplementedError(
-                f"layer {name!r} is adaptive-parallel (column-sharded experts): DCP checkpoints cover expert "
-                f"parallel layouts only; save moekit.parallel.full_state_dict(model) instead")
+                f"layer {name!r} holds {type(layer.experts).__name__} experts: DCP checkpoints cover expert "
+                f"parallel layouts only; save moekit.parallel.full_state_dict(model) instead (and, under "
+                f"FSSDP, moekit.parallel.fssdp.full_optim_state for the optimizer)")
     groups = {id(layer.dispatcher.group): layer.dispatcher.group for _, layer in moe_layers(model)
               if isinstance(layer.dispatcher, AllToAllDispatcher)}
     if len(groups) > 1:

@@ -350,6 +350,8 @@ def scenario_errors(rank, W):
     expect(ValueError, "no MoELayer", lambda: fssdp(nn.Linear(2, 2)))
     expect(ValueError, "overlap", lambda: fssdp(make_net(), overlap=-1))
     expect(ValueError, "bandwidth", lambda: fssdp(make_net(), overlap="auto", bandwidth=-1.0))
+    from moekit.parallel import save_checkpoint  # DCP covers expert-parallel layouts: a clear refusal
+    expect(NotImplementedError, "full_state_dict", lambda: save_checkpoint(fssdp(make_net()), "/nonexistent/ckpt"))
 
 
 SCENARIOS = {"sparse": scenario_sparse, "train": scenario_train, "remat": scenario_remat,
