@@ -94,10 +94,10 @@ class AllToAllDispatcher:
         turn_N = (torch.arange(ids_N.numel(), device=ids_N.device) + self.rank) % count_E[ids_N]
         return slot_ER[ids_N, turn_N]
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing):
-        """x_TD [T, D] -> (x_MD rows for this rank's slots, sorted by slot; tokens_per_slot_S; ctx)."""
+    def _route_counts(self, routing: Routing):
+        """(order_N: kept assignments sorted by physical slot, send_P [W*S] rows for each slot,
+        recv_WS [W, S] rows each rank sends to this rank's slots): one counts all-to-all."""
         W, S = self.placement.world_size, self.placement.slots_per_rank
-        T, K = routing.topk_ids_TK.shape
         ids_N = routing.topk_ids_TK.reshape(-1)
         dropped = routing.num_dropped
         if dropped:  # capacity dropped some (id -1): they sort first and are cut off
@@ -108,8 +108,17 @@ class AllToAllDispatcher:
         if dropped:
             order_N = order_N[dropped:]
         send_P = count_per_expert(slot_N, W * S)
+        recv_WS = comm.all_to_all_counts(send_P, self.group, self.timeout,
+                                         f"dispatch of layer {self.name!r} (counts)").view(W, S)
+        return order_N, send_P, recv_WS
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        """x_TD [T, D] -> (x_MD rows for this rank's slots, sorted by slot; tokens_per_slot_S; ctx)."""
+        W, S = self.placement.world_size, self.placement.slots_per_rank
+        K = routing.topk_ids_TK.shape[1]
+        dropped = routing.num_dropped
+        order_N, send_P, recv_WS = self._route_counts(routing)
         what = f"dispatch of layer {self.name!r}"
-        recv_WS = comm.all_to_all_counts(send_P, self.group, self.timeout, what + " (counts)").view(W, S)
         send_splits = send_P.view(W, S).sum(1).tolist()  # host sync: the sizes of the exchange
         recv_splits = recv_WS.sum(1).tolist()
         x_sorted = gather_rows(x_TD, order_N, K)

@@ -65,7 +65,7 @@ from torch.autograd.function import once_differentiable
 from moekit.dispatch import gather_rows, permute_rows, unpermute_rows, weighted_combine
 from moekit.parallel import comm
 from moekit.parallel.expert_parallel import AllToAllDispatcher, _source_to_slot_order
-from moekit.router import Routing, count_per_expert
+from moekit.router import Routing
 
 log = logging.getLogger(__name__)
 
@@ -409,17 +409,8 @@ class OverlapDispatcher(AllToAllDispatcher):
     def _exchange_counts(self, x_TD, routing: Routing):
         """Sorted rows, their order, and the per-(peer, slot) counts both ways (as the reference)."""
         W, S = self.placement.world_size, self.placement.slots_per_rank
-        K = routing.topk_ids_TK.shape[1]
-        ids_N = routing.topk_ids_TK.reshape(-1)
-        dropped = routing.num_dropped
-        slot_N = torch.where(ids_N >= 0, self._physical(ids_N.clamp(min=0)), -1) if dropped else self._physical(ids_N)
-        order_N = torch.sort(slot_N, stable=True).indices
-        if dropped:
-            order_N = order_N[dropped:]
-        send_P = count_per_expert(slot_N, W * S)
-        what = f"dispatch of layer {self.name!r}"
-        recv_WS = comm.all_to_all_counts(send_P, self.group, self.timeout, what + " (counts)").view(W, S)
-        x_sorted = gather_rows(x_TD, order_N, K)
+        order_N, send_P, recv_WS = self._route_counts(routing)
+        x_sorted = gather_rows(x_TD, order_N, routing.topk_ids_TK.shape[1])
         return x_sorted, order_N, send_P.view(W, S).tolist(), recv_WS.tolist()
 
     def plan(self, x_TD: torch.Tensor, routing: Routing, chunks: int):

@@ -13,7 +13,7 @@ from torch import nn
 
 import moekit
 from _harness import expect as _expect
-from _harness import record
+from _harness import run_scenarios
 from moekit import MoEConfig, MoELayer
 from moekit.parallel import (ExpertParallelError, expert_param_names, expert_parallel, full_state_dict,
                              load_full_state_dict, reduce_expert_grads)
@@ -516,16 +516,7 @@ SCENARIOS = {"contiguous": scenario_contiguous, "one_expert": scenario_one_exper
 
 
 def run(rank, W, port, names, out_dir):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
-                            timeout=timedelta(seconds=120))
-    try:
-        for name in names:
-            record(out_dir, name, rank, lambda: SCENARIOS[name](rank, W))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_scenarios(SCENARIOS, rank, W, port, names, out_dir)
 
 
 def run_fault(rank, W, port, mode, out_dir):

@@ -3,15 +3,13 @@ dense reference, and fssdp() training against the single-device model on the glo
 from __future__ import annotations
 
 import copy
-import os
 import random
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from _harness import expect, record
+from _harness import expect, run_scenarios
 from moekit import MoEConfig, MoELayer
 from moekit.parallel import full_state_dict, load_full_state_dict
 from moekit.parallel.fssdp import (FSSDPError, Materialization, Traffic, attach_optimizer, fssdp, fssdp_state,
@@ -351,7 +349,7 @@ def scenario_errors(rank, W):
     expect(ValueError, "overlap", lambda: fssdp(make_net(), overlap=-1))
     expect(ValueError, "bandwidth", lambda: fssdp(make_net(), overlap="auto", bandwidth=-1.0))
     from moekit.parallel import save_checkpoint  # DCP covers expert-parallel layouts: a clear refusal
-    expect(NotImplementedError, "full_state_dict", lambda: save_checkpoint(fssdp(make_net()), "/nonexistent/ckpt"))
+    expect(NotImplementedError, "full_state_dict", lambda: save_checkpoint("/nonexistent/ckpt", fssdp(make_net())))
 
 
 SCENARIOS = {"sparse": scenario_sparse, "train": scenario_train, "remat": scenario_remat,
@@ -361,13 +359,4 @@ SCENARIOS = {"sparse": scenario_sparse, "train": scenario_train, "remat": scenar
 
 
 def run(rank, W, port, names, out_dir):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
-                            timeout=timedelta(seconds=120))
-    try:
-        for name in names:
-            record(out_dir, name, rank, lambda: SCENARIOS[name](rank, W))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_scenarios(SCENARIOS, rank, W, port, names, out_dir)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -31,6 +34,22 @@ def record(out_dir: str, name: str, rank: int, fn: Callable[[], None]) -> None:
         status = traceback.format_exc()
     with open(os.path.join(out_dir, f"{name}.{rank}"), "w") as f:
         f.write(status)
+
+
+def run_scenarios(scenarios: dict, rank: int, W: int, port: int, names, out_dir: str,
+                  timeout_s: float = 120) -> None:
+    """A spawned rank: one torch thread, a gloo group on ``port``, then ``scenarios[name](rank, W)``
+    for each name, recorded, with a barrier after each (the shared body of the workers' ``run``)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        for name in names:
+            record(out_dir, name, rank, lambda: scenarios[name](rank, W))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def assert_ok(out_dir, name: str, ranks) -> None:

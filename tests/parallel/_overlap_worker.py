@@ -2,8 +2,6 @@
 layer ("chunked", "fine") against the non-overlapped one and the single-device reference."""
 from __future__ import annotations
 
-import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -11,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from _ep_worker import DT, E, check_step, global_batch, make_net, tokens_per_rank, train_steps
-from _harness import expect, record
+from _harness import expect, run_scenarios
 from moekit import MoEConfig, MoELayer
 from moekit.parallel import expert_parallel
 
@@ -179,13 +177,4 @@ SCENARIOS = {"integer_exact": scenario_integer_exact, "matches_single_device": s
 
 
 def run(rank, W, port, names, out_dir):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
-                            timeout=timedelta(seconds=120))
-    try:
-        for name in names:
-            record(out_dir, name, rank, lambda: SCENARIOS[name](rank, W))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_scenarios(SCENARIOS, rank, W, port, names, out_dir)
