@@ -51,7 +51,9 @@ def test_wheel_builds_without_warnings(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
     out = subprocess.run(
-        [sys.executable, "-W", "error", "-c",
+        # -P: src/kernels (moekit.kernels' source) must not shadow the installed kernels
+        # distribution, whose setuptools plugin the build imports
+        [sys.executable, "-P", "-W", "error", "-c",
          "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))",
          str(tmp_path / "dist")],
         cwd=src, capture_output=True, text=True, timeout=300,

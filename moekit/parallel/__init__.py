@@ -1,7 +1,8 @@
 """Parallelism applied to a model by functions (the single-device layer stays the reference).
 
 - :func:`expert_parallel`: experts split over a process group, tokens moved by all-to-all
-  (flat, or two-level with ``ranks_per_node``); capacity and losses of the global batch.
+  (flat, or two-level with ``ranks_per_node``); capacity and losses of the global batch;
+  ``overlap="chunked" | "fine"`` pipelines the exchange with the experts (:mod:`.overlap`).
 - :func:`adaptive_parallel` / :func:`set_parallel_degree`: Tutel's adaptive parallelism, one
   expert layout for every degree r (data parallel, EP + DP, EP + sharded experts), r per call.
 - :func:`full_state_dict` / :func:`load_full_state_dict`: the unconverted model's state dict.
