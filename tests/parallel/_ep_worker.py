@@ -26,9 +26,10 @@ TOL = dict(rtol=1e-9, atol=1e-9)  # fp64: sums over ranks round differently from
 class Net(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.inp = nn.Linear(D, D)
+        d = cfg.hidden_size
+        self.inp = nn.Linear(d, d)
         self.moe1 = MoELayer(cfg)
-        self.mid = nn.Linear(D, D)
+        self.mid = nn.Linear(d, d)
         self.moe2 = MoELayer(cfg)
 
     def forward(self, x):
@@ -62,14 +63,15 @@ def global_batch(W, case, seed=1):
     return x, gy, bounds
 
 
-def check_step(rank, W, ref, ep, x, gy, bounds):
-    """Forward, input grads and every parameter grad of ep (this rank's slice) vs ref (global)."""
+def check_step(rank, W, ref, ep, x, gy, bounds, run=None):
+    """Forward, input grads and every parameter grad of ep (this rank's slice) vs ref (global);
+    ``run`` (default ep) is what the forward calls, e.g. a wrapper around ep."""
     lo, hi = bounds[rank], bounds[rank + 1]
     xr = x.clone().requires_grad_()
     y_ref = ref(xr)
     (y_ref * gy).sum().backward()
     xe = x[lo:hi].clone().requires_grad_()
-    y_ep = ep(xe)
+    y_ep = (run or ep)(xe)
     (y_ep * gy[lo:hi]).sum().backward()
     torch.testing.assert_close(y_ep, y_ref[lo:hi], **TOL)
     torch.testing.assert_close(xe.grad, xr.grad[lo:hi], **TOL)

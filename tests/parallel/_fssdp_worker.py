@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from _ep_worker import Net
 from _harness import expect, run_scenarios
-from moekit import MoEConfig, MoELayer
+from moekit import MoEConfig
 from moekit.parallel import full_state_dict, load_full_state_dict
 from moekit.parallel.fssdp import (FSSDPError, Materialization, Traffic, attach_optimizer, fssdp, fssdp_state,
                                    sparse_all_gather, sparse_reduce_scatter)
@@ -76,18 +77,6 @@ def scenario_sparse(rank, W):
 
 
 # ---- training ------------------------------------------------------------------------------------
-
-class Net(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.inp = nn.Linear(D, D)
-        self.moe1 = MoELayer(cfg)
-        self.mid = nn.Linear(D, D)
-        self.moe2 = MoELayer(cfg)
-
-    def forward(self, x):
-        return self.moe2(torch.tanh(self.mid(self.moe1(self.inp(x)))))
-
 
 def make_net(seed=0, **cfg_kw):
     """Skewed routing: inputs with a positive mean, routers that favour experts 0 and 1."""

@@ -106,26 +106,8 @@ def scenario_checkpointing(rank, W):
     exchanges, runs again in the backward on every rank)."""
     x, gy, bounds = global_batch(W, "uneven")
     for reentrant in (True, False):
-        ref = make_net()
-        par = Checkpointed(expert_parallel(make_net(), overlap="fine", chunks=2), reentrant)
-        _check_wrapped(rank, W, ref, par, x, gy, bounds)
-
-
-def _check_wrapped(rank, W, ref, par, x, gy, bounds):
-    lo, hi = bounds[rank], bounds[rank + 1]
-    xr = x.clone().requires_grad_()
-    y_ref = ref(xr)
-    (y_ref * gy).sum().backward()
-    xe = x[lo:hi].clone().requires_grad_()
-    y = par(xe)
-    (y * gy[lo:hi]).sum().backward()
-    tol = dict(rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(y, y_ref[lo:hi], **tol)
-    torch.testing.assert_close(xe.grad, xr.grad[lo:hi], **tol)
-    for m_ref, m_par in ((ref.moe1, par.net.moe1), (ref.moe2, par.net.moe2)):
-        idx = torch.tensor(m_par.experts.logical_ids)
-        torch.testing.assert_close(m_par.experts.w_in.grad, m_ref.experts.w_in.grad[idx], **tol)
-        torch.testing.assert_close(m_par.experts.w_out.grad, m_ref.experts.w_out.grad[idx], **tol)
+        par = expert_parallel(make_net(), overlap="fine", chunks=2)
+        check_step(rank, W, make_net(), par, x, gy, bounds, run=Checkpointed(par, reentrant))
 
 
 def scenario_auto_tuner(rank, W):
