@@ -128,9 +128,6 @@ class ExchangePlan:
             self._send_idx[key] = idx.to(self.device)
         return self._send_idx[key]
 
-    def largest_exchange(self) -> int:
-        return max(sum(map(sum, self.send_WS)), sum(map(sum, self.recv_WS)))
-
 
 def local_blocks(mode: str, B: int) -> int:
     """Blocks of a rank's own rows: B when chunked; for "fine" at least 2, a head computed while
@@ -392,8 +389,7 @@ class OverlapDispatcher(AllToAllDispatcher):
         super().__init__(group, placement, rank, name, timeout)
         if overlap not in ("chunked", "fine"):
             raise ValueError(f"overlap={overlap!r}: expected one of {OVERLAP_MODES}")
-        if chunks != "auto" and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
-            raise ValueError(f"chunks={chunks!r}: expected 'auto' or an int >= 1")
+        check_overlap(overlap, chunks, None)
         backend = dist.get_backend(group)
         if backend != "gloo":
             # NCCL matches point-to-point ops per pair in issue order without tags and runs them

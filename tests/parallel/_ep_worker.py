@@ -310,6 +310,24 @@ def scenario_expert_data_parallel(rank, W):
                   data_parallel_group=mesh["dp"])
 
 
+def integer_net(E_, D_, F__, **kw):
+    """Two MoE layers with small-integer weights, relu experts, K=1 with the weight renormalised
+    to exactly 1: every sum is exact in any order."""
+    torch.manual_seed(11)
+    cfg = MoEConfig(hidden_size=D_, ffn_hidden_size=F__, num_experts=E_, top_k=1, norm_topk_prob=True,
+                    activation="relu", **kw)
+    model = nn.Sequential(MoELayer(cfg), MoELayer(cfg)).to(DT)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.copy_(torch.randint(-1, 2, prm.shape, dtype=DT))
+        # layer 2's router at 0: every token to its expert 0 (ties go to the lower id) and no
+        # gradient through that router into layer 1's output; through a live router the
+        # renormalised weight's gradient (exactly 0 in exact arithmetic) leaves ~1e-16
+        # residues whose sums over tokens depend on the order
+        model[1].router.weight.zero_()
+    return model
+
+
 def scenario_integer_exact(rank, W):
     """Integer-valued data (weights and inputs small integers, relu experts, K=1 with the weight
     renormalised to exactly 1; the second layer sends every token to one expert): every sum is
@@ -320,19 +338,7 @@ def scenario_integer_exact(rank, W):
     from moekit.planner import plan_placement
 
     def net(E_=E, **kw):
-        torch.manual_seed(11)
-        cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F_, num_experts=E_, top_k=1, norm_topk_prob=True,
-                        activation="relu", **kw)
-        model = nn.Sequential(MoELayer(cfg), MoELayer(cfg)).to(DT)
-        with torch.no_grad():
-            for prm in model.parameters():
-                prm.copy_(torch.randint(-1, 2, prm.shape, dtype=DT))
-            # layer 2's router at 0: every token to its expert 0 (ties go to the lower id) and no
-            # gradient through that router into layer 1's output; through a live router the
-            # renormalised weight's gradient (exactly 0 in exact arithmetic) leaves ~1e-16
-            # residues whose sums over tokens depend on the order
-            model[1].router.weight.zero_()
-        return model
+        return integer_net(E_, D, F_, **kw)
 
     g = torch.Generator().manual_seed(5)
     counts = tokens_per_rank(W, "uneven")

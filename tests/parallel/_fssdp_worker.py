@@ -109,6 +109,17 @@ def _compare(model, ref, tol, what):
         torch.testing.assert_close(full[n], t, **tol, msg=lambda m: f"{what}: {n}: {m}")
 
 
+def _steps(ref, model, opt_r, opt, x, gy, lo, hi, W, n):
+    """n steps of the single-device reference on the mean loss and of ``model`` on this rank's slice."""
+    for _ in range(n):
+        opt_r.zero_grad()
+        ((ref(x) * gy).sum() / W).backward()
+        opt_r.step()
+        opt.zero_grad()
+        (model(x[lo:hi]) * gy[lo:hi]).sum().backward()
+        opt.step()
+
+
 def _optimizer(name, params):
     return torch.optim.SGD(params, lr=0.2) if name == "sgd" else torch.optim.Adam(params, lr=1e-2)
 
@@ -176,13 +187,7 @@ def scenario_losses(rank, W):
     opt_r, opt = torch.optim.SGD(ref.parameters(), lr=0.2), torch.optim.SGD(model.parameters(), lr=0.2)
     x, gy, bounds = batch(W)
     lo, hi = bounds[rank], bounds[rank + 1]
-    for _ in range(4):
-        opt_r.zero_grad()
-        ((ref(x) * gy).sum() / W).backward()
-        opt_r.step()
-        opt.zero_grad()
-        (model(x[lo:hi]) * gy[lo:hi]).sum().backward()
-        opt.step()
+    _steps(ref, model, opt_r, opt, x, gy, lo, hi, W, 4)
     assert int(ref.moe1.tokens_per_expert.sum()) < K * x.shape[0]  # capacity dropped some
     _compare(model, ref, dict(rtol=1e-6, atol=1e-7), "capacity + aux/z losses")  # the router computes in fp32
 
@@ -199,13 +204,7 @@ def scenario_fsdp2(rank, W):
         opt_r, opt = _optimizer(opt_name, ref.parameters()), _optimizer(opt_name, model.parameters())
         x, gy, bounds = batch(W)
         lo, hi = bounds[rank], bounds[rank + 1]
-        for _ in range(4):
-            opt_r.zero_grad()
-            ((ref(x) * gy).sum() / W).backward()
-            opt_r.step()
-            opt.zero_grad()
-            (model(x[lo:hi]) * gy[lo:hi]).sum().backward()
-            opt.step()
+        _steps(ref, model, opt_r, opt, x, gy, lo, hi, W, 4)
         full = full_state_dict(model)
         tol = dict(rtol=1e-9, atol=1e-9) if opt_name == "sgd" else dict(rtol=1e-5, atol=1e-5)
         for n, t in ref.state_dict().items():

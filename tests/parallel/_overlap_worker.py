@@ -8,26 +8,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from _ep_worker import DT, E, check_step, global_batch, make_net, tokens_per_rank, train_steps
+from _ep_worker import DT, E, check_step, global_batch, integer_net, make_net, tokens_per_rank, train_steps
 from _harness import expect, run_scenarios
-from moekit import MoEConfig, MoELayer
 from moekit.parallel import expert_parallel
 
 Di, Fi, Ei = 12, 10, 8  # integer-valued net: small, E divisible by 2 and 4 (W=3 uses a plan)
-
-
-def integer_net(E_=Ei):
-    """Integer weights, relu experts, K=1 with the weight renormalised to exactly 1; layer 2 sends
-    every token to expert 0: every sum is exact in any order (see _ep_worker.scenario_integer_exact)."""
-    torch.manual_seed(11)
-    cfg = MoEConfig(hidden_size=Di, ffn_hidden_size=Fi, num_experts=E_, top_k=1, norm_topk_prob=True,
-                    activation="relu")
-    model = nn.Sequential(MoELayer(cfg), MoELayer(cfg)).to(DT)
-    with torch.no_grad():
-        for prm in model.parameters():
-            prm.copy_(torch.randint(-1, 2, prm.shape, dtype=DT))
-        model[1].router.weight.zero_()
-    return model
 
 
 def _run(model, x, gy):
@@ -46,12 +31,12 @@ def scenario_integer_exact(rank, W):
     x = torch.randint(-2, 3, (sum(counts), Di), generator=g).to(DT)
     gy = torch.randint(-2, 3, (sum(counts), Di), generator=g).to(DT)
     lo, hi = sum(counts[:rank]), sum(counts[:rank + 1])
-    ref = expert_parallel(integer_net(E_))
+    ref = expert_parallel(integer_net(E_, Di, Fi))
     y_ref, gx_ref = _run(ref, x[lo:hi], gy[lo:hi])
     assert (y_ref != 0).any() or hi == lo
     for overlap, degrees in (("chunked", (1, 2, 3, 4, 8)), ("fine", (1, 2, 3))):
         for d in degrees:
-            par = expert_parallel(integer_net(E_), overlap=overlap, chunks=d)
+            par = expert_parallel(integer_net(E_, Di, Fi), overlap=overlap, chunks=d)
             y, gx = _run(par, x[lo:hi], gy[lo:hi])
             what = f"{overlap} chunks={d}"
             assert torch.equal(y, y_ref), f"{what}: output"
