@@ -340,6 +340,61 @@ def scenario_errors(rank, W):
     expect(NotImplementedError, "full_state_dict", lambda: save_checkpoint("/nonexistent/ckpt", fssdp(make_net())))
 
 
+# ---- a checkpoint written at one world size, resumed at another ------------------------------------
+
+_HANDOFF = {}  # "path": the checkpoint file shared by the two spawns of test_checkpoint_across_world_sizes
+
+
+def scenario_ckpt_save(rank, W):
+    """2 Adam steps with re-sharding at this W, then (full_state_dict, full_optim_state, the
+    reference's parameters) saved by rank 0 for a run at another world size to resume."""
+    from moekit.parallel.fssdp import full_optim_state
+
+    model, ref, opt = _train(rank, W, "adam", steps=2, reshard_every=1)
+    sd, osd = full_state_dict(model.module), full_optim_state(model, opt)
+    if rank == 0:
+        torch.save({"world_size": W, "model": sd, "optim": osd}, _HANDOFF["path"])
+
+
+def scenario_ckpt_load(rank, W):
+    """The checkpoint of another world size loaded into fssdp(make_net(seed=7)) at this W (other
+    owners, memory cap and rank count): the full state reads back bit for bit, then 3 Adam steps
+    with re-sharding on this W's batch equal the single device resumed from the same file."""
+    from moekit.parallel.fssdp import full_optim_state, load_full_optim_state
+
+    ck = torch.load(_HANDOFF["path"], weights_only=True)
+    assert ck["world_size"] != W, "the test must resume at another world size"
+    model = fssdp(make_net(seed=7), memory_cap=1, reshard_every=1)
+    load_full_state_dict(model.module, ck["model"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    attach_optimizer(model, opt)
+    load_full_optim_state(model, opt, ck["optim"])
+    sd2, osd2 = full_state_dict(model.module), full_optim_state(model, opt)
+    assert sd2.keys() == ck["model"].keys() and osd2.keys() == ck["optim"].keys()
+    for k, v in ck["model"].items():
+        assert torch.equal(sd2[k], v), k
+    for n, st in ck["optim"].items():
+        for k, v in st.items():
+            assert torch.equal(osd2[n][k], v), (n, k)
+    ref = make_net(seed=9)
+    ref.load_state_dict(ck["model"])
+    opt_r = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    ref_params = dict(ref.named_parameters())
+    for n, st in ck["optim"].items():
+        opt_r.state[ref_params[n]] = {k: v.clone() for k, v in st.items()}
+    x, gy, bounds = batch(W, seed=3)
+    _steps(ref, model, opt_r, opt, x, gy, bounds[rank], bounds[rank + 1], W, 3)
+    _compare(model, ref, dict(rtol=1e-5, atol=1e-5), f"resumed at W={W} from W={ck['world_size']}")
+
+
+HANDOFF = {"ckpt_save": scenario_ckpt_save, "ckpt_load": scenario_ckpt_load}
+
+
+def run_handoff(rank, W, port, names, out_dir, path):
+    _HANDOFF["path"] = path
+    run_scenarios(HANDOFF, rank, W, port, names, out_dir)
+
+
 SCENARIOS = {"sparse": scenario_sparse, "train": scenario_train, "remat": scenario_remat,
              "reshard": scenario_reshard, "losses": scenario_losses, "fsdp2": scenario_fsdp2,
              "state_dict": scenario_state_dict,

@@ -4,7 +4,7 @@ skewed routing, a rank without tokens) equal to the single-device model on the g
 with and without re-materialisation, with t given, measured or unlimited, and across
 re-sharding steps; capacity and aux/z losses (W=3); dense parameters under FSDP2 (W=2); the
 memory ledger; the dispatch rule; checkpoints (full state dict + full optimizer state)
-independent of the owner map; a rank whose P' disagrees raises instead of hanging.
+independent of the owner map, resumed at another world size (W=3 -> 2, 2 -> 4); a rank whose P' disagrees raises instead of hanging.
 Algorithm 1 and 2 and the ledger formulas are unit-tested without processes. One spawned
 process group per W."""
 from __future__ import annotations
@@ -31,6 +31,16 @@ def world(request, tmp_path_factory):
 def test_fssdp(world, scenario):
     W, out = world
     assert_ok(out, scenario, range(W))
+
+
+@pytest.mark.parametrize("w_save,w_load", [(3, 2), (2, 4)])
+def test_checkpoint_across_world_sizes(tmp_path, w_save, w_load):
+    """A full checkpoint written by W ranks resumes training at W' ranks (other owners)."""
+    path = str(tmp_path / "ckpt.pt")
+    spawn(_fssdp_worker.run_handoff, w_save, ["ckpt_save"], str(tmp_path), path)
+    assert_ok(tmp_path, "ckpt_save", range(w_save))
+    spawn(_fssdp_worker.run_handoff, w_load, ["ckpt_load"], str(tmp_path), path)
+    assert_ok(tmp_path, "ckpt_load", range(w_load))
 
 
 def test_algorithm1_top_t_everywhere():
