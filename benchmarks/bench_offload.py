@@ -233,9 +233,10 @@ E2E_CONFIGS = {
 }
 E2E_PROMPT_LEN = 16
 VARIANTS = ("moekit", "lru", "accelerate")
-MOEKIT_VARIANTS = ("moekit", "moekit-noprefetch", "lru", "moekit-wholepath")   # optional: noprefetch separates
-# prefetch from the policy; wholepath prefetches with the whole-path predictor instead of the router look-ahead
-EXTRA_VARIANTS = ("moekit-noprefetch", "moekit-wholepath")
+MOEKIT_VARIANTS = ("moekit", "moekit-noprefetch", "lru", "moekit-wholepath", "lru-overlap")  # optional:
+# noprefetch separates prefetch from the policy; wholepath prefetches with the whole-path predictor instead of
+# the router look-ahead; lru-overlap is the baseline's policy with the runtime's overlapped miss reads
+EXTRA_VARIANTS = ("moekit-noprefetch", "moekit-wholepath", "lru-overlap")
 
 
 def machine_info() -> dict:
@@ -368,12 +369,14 @@ def _moekit_options(variant: str) -> dict:
 
     params = inspect.signature(load_offloaded).parameters
     opts: dict = {}
-    if variant in ("lru", "moekit-noprefetch"):
-        opts["policy"] = "lru" if variant == "lru" else params["policy"].default
+    if variant in ("lru", "moekit-noprefetch", "lru-overlap"):
+        opts["policy"] = "lru" if variant.startswith("lru") else params["policy"].default
         for k in ("prefetch", "lookahead", "predictor"):
             if k in params:
                 p = params[k].default
                 opts[k] = False if isinstance(p, bool) else (0 if isinstance(p, int) else None)
+        if variant == "lru" and "overlap_misses" in params:  # on demand: each miss read before the layer computes
+            opts["overlap_misses"] = False
     else:
         opts["policy"] = params["policy"].default
         if "prefetch" in params and params["prefetch"].default in (False, 0, None):
@@ -538,7 +541,8 @@ def _predict(om, metrics: dict, decode_stats, n_new: int) -> dict:
         rates = tp.calibrate(om)
         steps = max(n_new - 1, 1)
         p = tp.predict_decode(tp.ModelShape.of_store(om.store.index), rates, hit_rate=metrics["hit_rate_decode"] or 0.0,
-                              prefetch_reads=decode_stats.prefetched / steps)
+                              prefetch_reads=decode_stats.prefetched / steps,
+                              overlap_misses=getattr(om.runtime, "overlap_misses", False))
         return {"source": "throughput.calibrate + predict_decode", "decode_tokens_per_s": p.tokens_per_s,
                 "bound": p.bound, "io_bound_tokens_per_s": p.io_bound_tokens_per_s,
                 "rates": {k: v for k, v in vars(rates).items()}}
@@ -668,8 +672,8 @@ def _e2e_summary(info: dict, disk: dict, runs: dict, model_dir: Path, budget: in
                      peak_expert_bytes=max(m["peak_expert_bytes"] for m in ms))
             # a decode step's measured terms beside the throughput model's (ms, medians over rounds)
             terms = [f"decode_{k}_seconds" for k in ("step", "demand_read", "expert_compute", "prefetch_wait", "other")]
-            terms += [f"predicted_{k}_seconds" for k in ("step", "dense", "expert_compute", "demand_read",
-                                                         "prefetch_read")]
+            terms += [f"predicted_{k}_seconds" for k in ("step", "dense", "expert_compute", "background_read_cost",
+                                                         "demand_read", "prefetch_read")]
             s["decode_step_breakdown_ms"] = {k: 1000 * statistics.median(m[k] for m in ms)
                                              for k in terms if all(m.get(k) is not None for m in ms)}
             # the I/O bound: the measured device rate over the bytes a decode token needs

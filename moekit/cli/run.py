@@ -83,6 +83,10 @@ def add_parser(subparsers, name: str = "run", help_text: str = "generate with an
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="predict the next layers' experts (their routers on the current hidden state) and read "
                         "them on a background thread while this layer computes (default: on)")
+    p.add_argument("--overlap-misses", action=argparse.BooleanOptionalAction, default=True,
+                   help="read a layer's missed experts on a reader thread while its resident experts compute, "
+                        "computing each miss as it lands; --no-overlap-misses reads each miss before the layer "
+                        "computes (plain on-demand loading) (default: on)")
     p.add_argument("--prefetch-predictor", choices=["lookahead", "wholepath"], default="lookahead",
                    help="what guesses the next layers' experts: 'lookahead' (their routers on the current hidden "
                         "state) or 'wholepath' (the token's experts so far matched against the paths recorded from "
@@ -221,7 +225,8 @@ def run(args) -> int:
                             tier=args.tier, page_cache=args.page_cache, verify=not args.no_verify,
                             progress=progress, prefetch=args.prefetch, horizon=horizon,
                             prefetch_predictor=args.prefetch_predictor if args.prefetch else "lookahead",
-                            miss_model=None if args.miss_model == "off" else args.miss_model)
+                            miss_model=None if args.miss_model == "off" else args.miss_model,
+                            overlap_misses=args.overlap_misses)
         if many is None and not args.no_predict and om.rates is None:
             om.calibrate()
     except StoreError as exc:

@@ -106,7 +106,10 @@ class ExpertWeights:
 class LoadStats:
     """Work done by the runtime (the cache's stats count decisions; these count work).
 
-    ``loads``/``bytes_loaded``/``load_seconds``: demand loads on the calling thread.
+    ``loads``/``bytes_loaded``: demand loads; ``load_seconds``: the calling thread's time on
+    them (the whole read when synchronous; with overlapped misses only the wait for a read
+    still in flight once the layer's resident experts are computed, the read itself being
+    ``miss_read_seconds`` on the reader thread).
     ``prefetch_*``: background reads (``prefetch_read_seconds`` on the worker, overlapped with
     compute), ``prefetch_wait_seconds``: the calling thread blocked on a prefetch not yet
     arrived, ``prefetch_dropped``: prefetched experts evicted before any use.
@@ -125,6 +128,7 @@ class LoadStats:
     prefetch_dropped: int = 0
     slow_tier_computes: int = 0
     slow_tier_seconds: float = 0.0
+    miss_read_seconds: float = 0.0
 
 
 class OffloadRuntime:
@@ -140,20 +144,30 @@ class OffloadRuntime:
 
     ``miss_model``: optional :class:`~moekit.offload.throughput.MissCostModel`; when set (CUDA
     device over a RAM tier) a miss whose copy would cost more than computing it on the CPU
-    where it lives is computed there (Fiddler / llama.cpp ``--n-cpu-moe``)."""
+    where it lives is computed there (Fiddler / llama.cpp ``--n-cpu-moe``).
+
+    ``overlap_misses``: a layer's misses are read on a reader thread of their own (not queued
+    behind speculative prefetches) while the layer's resident experts compute, and each miss is
+    computed when its read lands; off, each miss is read on the calling thread before any
+    expert of the layer computes (plain on-demand loading). Same results either way: every
+    expert's rows are computed from the same weights by the same ops."""
 
     def __init__(self, store, cache, weights: Optional[ExpertWeights] = None, *, device="cpu",
-                 activation: str = "swiglu", check_invariants: bool = True, miss_model=None):
+                 activation: str = "swiglu", check_invariants: bool = True, miss_model=None,
+                 overlap_misses: bool = True):
         self.store, self.cache = store, cache
         self.weights = weights if weights is not None else ExpertWeights()
         self.device = torch.device(device)
         self.activation = activation
         self.check_invariants = check_invariants
         self.miss_model = miss_model
+        self.overlap_misses = bool(overlap_misses)
         self.stats = LoadStats()
         self.pending: dict[tuple[int, int], Future] = {}
         self.dry = False  # calibration: experts return zeros without touching cache or store
         self._executor: Optional[ThreadPoolExecutor] = None
+        self._miss_executor: Optional[ThreadPoolExecutor] = None
+        self.pending_misses: dict[tuple[int, int], Future] = {}
         self._side_stream = None
 
     def _load(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,18 +210,67 @@ class OffloadRuntime:
         self.stats.prefetch_wait_seconds += time.perf_counter() - t0
         self.weights.fill(key, w)
 
-    def access(self, layer: int, experts: list[int]):
+    def access(self, layer: int, experts: list[int], overlap: bool = False):
         """Ask the cache for ``experts`` of ``layer``; free the evicted, load the misses, wait for
         the prefetches of the experts used. Returns the cache's
-        :class:`~moekit.offload.AccessResult` (streamed still to do)."""
+        :class:`~moekit.offload.AccessResult` (streamed still to do). With ``overlap`` (and
+        ``overlap_misses``) the misses' reads are only issued: they are in
+        ``pending_misses`` until :meth:`resolve_miss`."""
         res = self.cache.access(layer, experts)
         self._free(res.evicted)
         for e in (*res.hits, *res.streamed):
             if (layer, e) in self.pending:
                 self._resolve((layer, e))
+        if overlap and self.overlap_misses and res.misses:
+            if self._miss_executor is None:
+                self._miss_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-miss")
+                if self.device.type == "cuda" and self._side_stream is None:
+                    self._side_stream = torch.cuda.Stream(self.device)
+            nb = self.cache.expert_bytes[layer]
+            for e in res.misses:
+                self.weights.reserve((layer, e), nb)
+                self.pending_misses[(layer, e)] = self._miss_executor.submit(self._read_miss_bg, layer, e)
+            return res
         for e in res.misses:
             self.weights.put((layer, e), self._load(layer, e))
         return res
+
+    def settle_misses(self, layer: int) -> None:
+        """Wait for every overlapped read of ``layer`` still in flight (only left after an
+        error): held if it succeeded, its reservation released if it failed."""
+        for key in [k for k in self.pending_misses if k[0] == layer]:
+            try:
+                self.resolve_miss(key)
+            except Exception:  # noqa: BLE001 - the error being raised already is the one to report
+                pass
+
+    def _read_miss_bg(self, layer: int, expert: int):
+        """Reader thread: one demand read (on CUDA with its copy on the side stream)."""
+        t0 = time.perf_counter()
+        w, event = self._read_to_device(layer, expert)
+        self.stats.miss_read_seconds += time.perf_counter() - t0  # only this thread writes it
+        return w, event
+
+    def resolve_miss(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for the overlapped read of miss ``key``, hold its weights and return them (a
+        failed read raises here, its reserved bytes released)."""
+        fut = self.pending_misses.pop(key)
+        t0 = time.perf_counter()
+        try:
+            w, event = fut.result()
+        except BaseException:
+            self.weights.unreserve(key)
+            raise
+        if event is not None:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(event)
+            for t in w:
+                t.record_stream(cur)
+        self.stats.loads += 1
+        self.stats.bytes_loaded += ExpertWeights.nbytes(w)
+        self.stats.load_seconds += time.perf_counter() - t0
+        self.weights.fill(key, w)
+        return w
 
     def prefetch(self, layer: int, experts: list[int]) -> list[int]:
         """Admit ``experts`` of ``layer`` ahead of use (synchronously); returns those loaded."""
@@ -218,17 +281,20 @@ class OffloadRuntime:
         return list(res.misses)
 
     # ---- background prefetch ------------------------------------------------------------------
+    def _read_to_device(self, layer: int, expert: int):
+        """One read (and on CUDA its copy on the side stream, with the event to wait on)."""
+        if self.device.type != "cuda":
+            return self.store.read(layer, expert, None), None
+        with torch.cuda.stream(self._side_stream):
+            w = self.store.read(layer, expert, self.device)
+            event = torch.cuda.Event()
+            event.record(self._side_stream)
+        return w, event
+
     def _read_bg(self, layer: int, expert: int):
         """Worker thread: one read (and on CUDA its copy on the side stream); nothing else."""
         t0 = time.perf_counter()
-        event = None
-        if self.device.type == "cuda":
-            with torch.cuda.stream(self._side_stream):
-                w = self.store.read(layer, expert, self.device)
-                event = torch.cuda.Event()
-                event.record(self._side_stream)
-        else:
-            w = self.store.read(layer, expert, None)
+        w, event = self._read_to_device(layer, expert)
         self.stats.prefetch_read_seconds += time.perf_counter() - t0  # only the worker writes it
         return w, event
 
@@ -258,9 +324,15 @@ class OffloadRuntime:
     def close(self) -> None:
         for key in list(self.pending):
             self._free([key])
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        for key, fut in list(self.pending_misses.items()):  # only after a failed forward
+            fut.cancel()
+            self.weights.unreserve(key)
+        self.pending_misses.clear()
+        for name in ("_executor", "_miss_executor"):
+            ex = getattr(self, name)
+            if ex is not None:
+                ex.shutdown(wait=True)
+                setattr(self, name, None)
 
     def check(self, layer: int) -> None:
         if self.check_invariants:
@@ -317,15 +389,31 @@ class OffloadedExperts(nn.Module):
             active = self._compute_in_slow_tier(x_ND, y_ND, active, starts, counts)
             if not active:
                 return y_ND
-        res = rt.access(self.layer, active)
+        res = rt.access(self.layer, active, overlap=True)
+        try:
+            self._compute(x_ND, y_ND, res, active, starts, counts)
+        finally:  # after an error: no read of this layer left in flight, its bytes accounted
+            rt.settle_misses(self.layer)
+        rt.check(self.layer)
+        return y_ND
+
+    def _compute(self, x_ND, y_ND, res, active, starts, counts) -> None:
+        rt = self.runtime
         held = rt.weights.held
         t0 = time.perf_counter()
-        streamed = set(res.streamed)
-        for e in active:  # resident ones (hits and admitted misses)
-            if e not in streamed:
+        later = set(res.streamed) | {e for e in res.misses if (self.layer, e) in rt.pending_misses}
+        for e in active:  # resident ones (hits, and misses already read) while the misses' reads run
+            if e not in later:
                 a, n = starts[e], counts[e]
                 y_ND[a:a + n] = _expert_mlp(x_ND[a:a + n], held[(self.layer, e)], rt.activation)
         rt.stats.compute_seconds += time.perf_counter() - t0
+        for e in res.misses:  # each overlapped miss as its read lands (in the order issued)
+            if (self.layer, e) in rt.pending_misses:
+                w = rt.resolve_miss((self.layer, e))
+                t0 = time.perf_counter()
+                a, n = starts[e], counts[e]
+                y_ND[a:a + n] = _expert_mlp(x_ND[a:a + n], w, rt.activation)
+                rt.stats.compute_seconds += time.perf_counter() - t0
         # streamed ones one at a time through the reserved slot: a demoted resident first
         # (already held: use, then free), the rest loaded, used and freed
         for e in res.streamed:
@@ -343,8 +431,6 @@ class OffloadedExperts(nn.Module):
             rt.stats.compute_seconds += time.perf_counter() - t0
             del w
             release()
-        rt.check(self.layer)
-        return y_ND
 
     def _compute_in_slow_tier(self, x_ND, y_ND, active, starts, counts) -> list[int]:
         """Experts of ``active`` neither resident nor in flight for which the runtime's

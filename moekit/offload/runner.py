@@ -430,7 +430,8 @@ class OffloadedModel:
         run's measured decode hit rate and prefetch reads; ``predicted_io_bound_tokens_per_s``,
         ``predicted_compute_bound_tokens_per_s``; per decode step (seconds, to set beside the
         measured ``decode_*_seconds``): ``predicted_step_seconds``, ``predicted_dense_seconds``,
-        ``predicted_expert_compute_seconds``, ``predicted_demand_read_seconds``,
+        ``predicted_expert_compute_seconds``, ``predicted_background_read_cost_seconds`` (compute
+        lost to background reads), ``predicted_demand_read_seconds``,
         ``predicted_prefetch_read_seconds`` (background)."""
         if self.rates is None or not decode_tokens:
             return {}
@@ -442,11 +443,13 @@ class OffloadedModel:
         steps = decode_tokens
         shape = ModelShape.of_store(self.store.index)
         p = predict_decode(shape, self.rates, hit_rate=d["decode_hits"] / req, batch=B,
-                           prefetch_reads=d["decode_prefetched"] / steps, requests=req / steps)
+                           prefetch_reads=d["decode_prefetched"] / steps, requests=req / steps,
+                           overlap_misses=self.runtime.overlap_misses)
         t_dense = self.rates.dense_seconds * B / max(self.rates.dense_batch, 1)
         return {"predicted_decode_tokens_per_s": p.tokens_per_s, "predicted_bound": p.bound,
                 "predicted_step_seconds": p.step_seconds, "predicted_dense_seconds": t_dense,
-                "predicted_expert_compute_seconds": p.compute_seconds - t_dense,
+                "predicted_expert_compute_seconds": p.compute_seconds - t_dense - p.background_seconds,
+                "predicted_background_read_cost_seconds": p.background_seconds,
                 "predicted_demand_read_seconds": p.demand_read_seconds,
                 "predicted_prefetch_read_seconds": p.prefetch_read_seconds,
                 "predicted_io_bound_tokens_per_s": p.io_bound_tokens_per_s,
@@ -532,7 +535,8 @@ def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir
                    page_cache: str = "keep", verify: bool = True, dtype: Optional[torch.dtype] = None,
                    profile=None, progress: Optional[bool] = None, prefetch: bool = False,
                    horizon: int | str = "auto", miss_model=None, prefetch_predictor: str = "lookahead",
-                   path_predictor=None, path_threshold: float = 0.5) -> OffloadedModel:
+                   path_predictor=None, path_threshold: float = 0.5,
+                   overlap_misses: bool = True) -> OffloadedModel:
     """An :class:`OffloadedModel` for the HF checkpoint in ``model_dir``.
 
     ``budget``: bytes of expert weights the fast tier may hold (an int, a size like
@@ -553,7 +557,9 @@ def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir
     :mod:`moekit.offload.prefetch`). ``miss_model``: ``"auto"`` (only with ``device="cuda"``
     and ``tier="ram"``: calibrate a :class:`~moekit.offload.throughput.MissCostModel` and
     compute a miss on the CPU where that is cheaper than copying it; not run on a GPU in this
-    repository's tests), a ``MissCostModel``, or None."""
+    repository's tests), a ``MissCostModel``, or None. ``overlap_misses``: read a layer's
+    misses on a reader thread while its resident experts compute (default), or each on demand
+    before the layer computes (:class:`~moekit.offload.experts.OffloadRuntime`)."""
     import transformers
 
     from moekit import hf as H
@@ -598,7 +604,8 @@ def load_offloaded(model_dir: str | os.PathLike, budget: int | str, *, store_dir
         if cache is None:  # budget="auto": what is free once the dense weights are in
             dense = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
             cache = make_cache(auto_budget(index.total_bytes, dense, device)[0])
-        runtime = OffloadRuntime(store, cache, ExpertWeights(), device=device, activation=index.activation)
+        runtime = OffloadRuntime(store, cache, ExpertWeights(), device=device, activation=index.activation,
+                                 overlap_misses=overlap_misses)
         layers: list[OffloadedExperts] = []
         found = list(moe_layers(model))
         if [n for n, _ in found] != [e.module for e in index.layers]:

@@ -19,7 +19,18 @@ experts read ahead per step on the background thread)::
     t_step     = max(t_compute + t_read(demand),                compute and demand reads are serial
                      t_read(demand) + t_read(prefetch_reads))   the link carries every read once
 
-Without prefetch ``t_step = t_compute + t_read(demand)``. The bound is ``"io"`` when the link
+Without prefetch ``t_step = t_compute + t_read(demand)``.
+
+With overlapped misses (the runtime's default, ``overlap_misses``) a layer's misses are read
+while its resident experts compute, and each miss computes once read; with k = requests / L
+expert requests per layer and n ~ Binomial(k, 1 - hit_rate) misses in it, the layer's expert
+time is ``max((k - n) * t_e, t_read(n)) + n * t_e`` instead of ``k * t_e + t_read(n)``;
+``t_compute + t_read(demand)`` above becomes ``dense(B) + L * (E_n[that] + t_access)``
+(``demand_read_seconds`` then reports the reads left on the critical path).
+
+Reads on a background thread (every prefetch read; with overlapped misses, every miss) slow
+the compute they run beside by ``background_seconds_per_byte`` (measured by :func:`calibrate`):
+``t_compute`` gains ``background_bytes * background_seconds_per_byte``. The bound is ``"io"`` when the link
 sets the pace (the prefetch reads take at least the compute they hide under) or the demand
 reads take longer than the compute on the critical path, else ``"compute"``; the I/O bound
 (tokens/s if reading were all the work) is ``B / t_read(demand + prefetch)`` and the compute
@@ -48,7 +59,10 @@ class Rates:
     time of the same expert (1.0 on a CPU-only machine); ``h2d_bandwidth``: bytes/s to move
     activations between host and device (for the miss decision on a GPU); ``access_seconds``:
     the cache's bookkeeping per layer access (policy, residency; host Python, on the critical
-    path of every MoE layer of every step)."""
+    path of every MoE layer of every step); ``background_seconds_per_byte``: compute time lost
+    per byte read on a background thread (prefetch, overlapped misses) while the main thread
+    computes: on a CPU-only machine the reads' copies and syscalls take cores from the compute
+    (0 where the copy engine does the work)."""
 
     read_bandwidth: float
     dense_seconds: float
@@ -59,14 +73,17 @@ class Rates:
     slow_compute_factor: float = 1.0
     h2d_bandwidth: Optional[float] = None
     access_seconds: float = 0.0
+    background_seconds_per_byte: float = 0.0
 
     def __post_init__(self):
         for name in ("read_bandwidth", "dense_seconds", "expert_seconds"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"Rates.{name} must be a positive number, got {v!r}")
-        if self.read_latency < 0 or self.expert_seconds_per_token < 0 or self.access_seconds < 0:
-            raise ValueError("Rates.read_latency, expert_seconds_per_token and access_seconds must be >= 0")
+        if min(self.read_latency, self.expert_seconds_per_token, self.access_seconds,
+               self.background_seconds_per_byte) < 0:
+            raise ValueError("Rates.read_latency, expert_seconds_per_token, access_seconds and "
+                             "background_seconds_per_byte must be >= 0")
 
     def read_seconds(self, n_experts: float, expert_bytes: float) -> float:
         return n_experts * (self.read_latency + expert_bytes / self.read_bandwidth)
@@ -105,6 +122,7 @@ class Prediction:
     demand_read_seconds: float
     prefetch_read_seconds: float
     bytes_per_token: float       # read from the slow tier per decoded token
+    background_seconds: float = 0.0  # compute lost to background reads per step (in compute_seconds)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,13 +133,30 @@ def distinct_experts(num_experts: int, top_k: int, batch: int) -> float:
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
 
 
+def _overlapped_layer_seconds(k: float, p_miss: float, t_e: float, t_r: float) -> tuple[float, float]:
+    """(expected expert seconds of a layer with overlapped misses, of which reads on the critical
+    path) for k requests, each a miss with probability ``p_miss`` (k rounded to an int for the
+    binomial, the result scaled back by k / round(k))."""
+    n_req = max(int(round(k)), 1)
+    total = exposed = 0.0
+    for n in range(n_req + 1):
+        w = math.comb(n_req, n) * p_miss ** n * (1.0 - p_miss) ** (n_req - n)
+        hidden_under = (n_req - n) * t_e
+        total += w * (max(hidden_under, n * t_r) + n * t_e)
+        exposed += w * max(n * t_r - hidden_under, 0.0)
+    scale = k / n_req
+    return total * scale, exposed * scale
+
+
 def predict_decode(shape: ModelShape, rates: Rates, *, hit_rate: float, batch: int = 1,
-                   prefetch_reads: float = 0.0, requests: Optional[float] = None) -> Prediction:
+                   prefetch_reads: float = 0.0, requests: Optional[float] = None,
+                   overlap_misses: bool = False) -> Prediction:
     """Predicted decode throughput (see the module docstring). ``hit_rate``: measured or
     expected fraction of expert requests served from the fast tier (prefetched experts that
     arrive in time count as hits). ``prefetch_reads``: experts read per step in the
     background (0 without prefetch). ``requests``: expert requests per step (default
-    ``L * distinct(B)``)."""
+    ``L * distinct(B)``). ``overlap_misses``: misses read while the layer's resident experts
+    compute (the runtime's default)."""
     if not 0.0 <= hit_rate <= 1.0:
         raise ValueError(f"hit_rate must be in [0, 1], got {hit_rate}")
     if batch < 1:
@@ -136,16 +171,29 @@ def predict_decode(shape: ModelShape, rates: Rates, *, hit_rate: float, batch: i
         + shape.num_layers * rates.access_seconds
     t_demand = rates.read_seconds(demand, shape.expert_bytes)
     t_pref = rates.read_seconds(prefetch_reads, shape.expert_bytes)
-    t_step = max(t_compute + t_demand, t_demand + t_pref)
+    background = (prefetch_reads + (demand if overlap_misses else 0.0)) * shape.expert_bytes
+    t_compute += background * rates.background_seconds_per_byte
+    t_serial = t_compute + t_demand
+    if overlap_misses and demand > 0:
+        t_e = rates.expert_compute_seconds(batch * shape.top_k / max(per_layer, 1e-12))
+        layer_s, exposed_s = _overlapped_layer_seconds(req / shape.num_layers, 1.0 - hit_rate, t_e,
+                                                       rates.read_seconds(1, shape.expert_bytes))
+        t_serial = t_dense + shape.num_layers * (layer_s + rates.access_seconds) \
+            + background * rates.background_seconds_per_byte
+        t_demand_exposed = shape.num_layers * exposed_s
+    else:
+        t_demand_exposed = t_demand
+    t_step = max(t_serial, t_demand + t_pref)
     t_io = t_demand + t_pref
     return Prediction(
         tokens_per_s=batch / t_step,
         bound="io" if (t_pref >= t_compute or t_demand > t_compute) else "compute",
         io_bound_tokens_per_s=batch / t_io if t_io > 0 else math.inf,
         compute_bound_tokens_per_s=batch / t_compute,
-        step_seconds=t_step, compute_seconds=t_compute, demand_read_seconds=t_demand,
+        step_seconds=t_step, compute_seconds=t_compute, demand_read_seconds=t_demand_exposed,
         prefetch_read_seconds=t_pref,
-        bytes_per_token=(demand + prefetch_reads) * shape.expert_bytes / batch)
+        bytes_per_token=(demand + prefetch_reads) * shape.expert_bytes / batch,
+        background_seconds=background * rates.background_seconds_per_byte)
 
 
 # ---- per-miss decision ----------------------------------------------------------------------------
@@ -334,6 +382,7 @@ def calibrate(om, *, reads: int = 16, repeat: int = 7, context: int = 16, batch:
 
             one()
             dense = _mean_time(one, repeat)
+            contention = _background_cost(one, store, rt, repeat) if rt.device.type == "cpu" else 0.0
     finally:
         rt.dry = False
         om._calibrating = hooks_were
@@ -342,4 +391,44 @@ def calibrate(om, *, reads: int = 16, repeat: int = 7, context: int = 16, batch:
     h2d = bandwidth if rt.device.type == "cuda" else None
     return Rates(read_bandwidth=bandwidth, dense_seconds=dense, expert_seconds=t1,
                  expert_seconds_per_token=max(t2 - t1, 0.0), dense_batch=batch, h2d_bandwidth=h2d,
-                 access_seconds=_access_seconds(om.cache))
+                 access_seconds=_access_seconds(om.cache), background_seconds_per_byte=contention)
+
+
+def _background_cost(step, store, rt, repeat: int) -> float:
+    """Compute seconds lost per byte read on a background thread: ``repeat`` dense steps alone,
+    then ``repeat`` with a thread reading experts (in the store's page-cache mode) throughout;
+    (slowdown) / (bytes read meanwhile), 0 when no slowdown shows."""
+    import threading
+
+    from moekit.offload.experts import ExpertWeights
+
+    idx = store.index
+    L, E = len(idx.layers), idx.num_experts
+    alone = _mean_time(step, repeat)
+    stop, nbytes = threading.Event(), [0]
+    counters = ("bytes_read", "reads", "read_seconds")
+    before = {k: getattr(store, k) for k in counters if hasattr(store, k)}
+
+    def reader():
+        i = 0
+        while not stop.is_set():
+            w = store.read(i % L, (i * 11 + 5) % E, None)
+            nbytes[0] += ExpertWeights.nbytes(w)
+            i += 1
+
+    th = threading.Thread(target=reader, name="moekit-calibrate-reader", daemon=True)
+    t0 = time.perf_counter()
+    th.start()
+    try:
+        busy = _mean_time(step, repeat)
+    finally:
+        stop.set()
+        th.join()
+    t_all = time.perf_counter() - t0
+    for k, v in before.items():  # the store's counters are the run's: these reads are not
+        setattr(store, k, v)
+    if not nbytes[0] or busy <= alone:
+        return 0.0
+    # bytes read per second of the busy steps, times the slowdown per step
+    rate = nbytes[0] / t_all
+    return (busy - alone) / (busy * rate)

@@ -85,11 +85,32 @@ def _min(setup, family):
 def test_ram_tier_and_page_cache_modes(setup):
     model_dir, store_dir, want = setup["olmoe"]
     lo = _min(setup, "olmoe")
-    for kw in (dict(tier="ram"), dict(page_cache="drop"), dict(page_cache="direct", verify=False)):
+    for kw in (dict(tier="ram"), dict(page_cache="drop"), dict(page_cache="direct", verify=False),
+               dict(overlap_misses=False)):
         with load_offloaded(model_dir, lo, store_dir=store_dir, progress=False, **kw) as om:
             r = om.generate(PROMPT, max_new_tokens=NEW)
             assert r.generated_ids[0] == want, kw
             assert r.metrics["peak_expert_bytes"] <= lo
+
+
+def test_overlapped_misses_same_logits_same_reads(setup):
+    """Misses read on the reader thread while the resident experts compute: the logits and every
+    read equal plain on-demand loading; the overlap really ran (reads timed on the reader)."""
+    model_dir, store_dir, _ = setup["qwen2_moe"]
+    lo = _min(setup, "qwen2_moe")
+    x = torch.tensor([PROMPT, PROMPT[::-1]])
+    got = {}
+    for overlap in (True, False):
+        with load_offloaded(model_dir, lo + lo // 3, store_dir=store_dir, progress=False,
+                            overlap_misses=overlap) as om, torch.no_grad():
+            logits = om.model(x).logits
+            st = om.runtime.stats
+            got[overlap] = (logits, st.loads, st.bytes_loaded, st.miss_read_seconds)
+            assert not om.runtime.pending_misses and om.weights.bytes_held == om.cache.bytes_used
+            assert om.weights.peak_bytes <= om.budget_bytes
+    assert torch.equal(got[True][0], got[False][0])
+    assert got[True][1:3] == got[False][1:3] and got[True][1] > 0
+    assert got[True][3] > 0 and got[False][3] == 0
 
 
 def test_budget_below_minimum_refused_with_minimum(setup):
@@ -123,3 +144,4 @@ def test_corrupt_store_during_generation_names_file(setup, tmp_path):
     with load_offloaded(model_dir, "1GiB", store_dir=broken, progress=False) as om:
         with pytest.raises(StoreError, match=r"layer_000\.bin: corrupt blob"):
             om.generate(PROMPT, max_new_tokens=2)
+        assert not om.runtime.pending_misses  # the layer's other reads settled, none left in flight

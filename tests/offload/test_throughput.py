@@ -42,6 +42,30 @@ def test_decode_step_without_prefetch_is_compute_plus_demand_reads():
     assert q.bound == "compute" and q.tokens_per_s == pytest.approx(1 / 0.018) and math.isinf(q.io_bound_tokens_per_s)
 
 
+def test_overlapped_misses_hide_reads_under_the_layers_resident_experts():
+    # L=2 layers, k=2 requests per layer, hit 1/2: n ~ Binomial(2, 1/2) misses per layer;
+    # t_e = 1 ms, one read = 3 ms. n=0: 2; n=1: max(1, 3) + 1 = 4; n=2: max(0, 6) + 2 = 8 (ms)
+    shape = ModelShape(num_layers=2, num_experts=4, top_k=2, expert_bytes=3 * MiB)
+    r = _rates(read_bandwidth=1000 * MiB, dense_seconds=0.010)
+    serial = predict_decode(shape, r, hit_rate=0.5)
+    over = predict_decode(shape, r, hit_rate=0.5, overlap_misses=True)
+    layer = 0.25 * 0.002 + 0.5 * 0.004 + 0.25 * 0.008          # 4.5 ms against 2 + 1 * 3 = 5 ms serial
+    assert serial.step_seconds == pytest.approx(0.010 + 2 * 0.005)
+    assert over.step_seconds == pytest.approx(0.010 + 2 * layer)
+    exposed = 0.5 * (0.003 - 0.001) + 0.25 * 0.006             # reads left on the critical path per layer
+    assert over.demand_read_seconds == pytest.approx(2 * exposed)
+    assert over.bytes_per_token == serial.bytes_per_token and over.compute_seconds == serial.compute_seconds
+    # background reads (the overlapped misses here, 1 per step) cost compute at the calibrated rate
+    slow = predict_decode(shape, _rates(read_bandwidth=1000 * MiB, dense_seconds=0.010,
+                                        background_seconds_per_byte=1e-9), hit_rate=0.5, overlap_misses=True)
+    assert slow.step_seconds == pytest.approx(over.step_seconds + 2 * 3 * MiB * 1e-9)
+    p = predict_decode(shape, _rates(background_seconds_per_byte=1e-9), hit_rate=1.0, prefetch_reads=1)
+    assert p.compute_seconds == pytest.approx(serial.compute_seconds + 3 * MiB * 1e-9)
+    # nothing to read: the same step either way
+    assert predict_decode(shape, r, hit_rate=1.0, overlap_misses=True).step_seconds == \
+        pytest.approx(predict_decode(shape, r, hit_rate=1.0).step_seconds)
+
+
 def test_cache_bookkeeping_per_layer_access_is_on_the_critical_path():
     shape = ModelShape(num_layers=4, num_experts=8, top_k=2, expert_bytes=10 * MiB)
     base = predict_decode(shape, _rates(), hit_rate=1.0)
@@ -136,6 +160,7 @@ def test_calibrate_and_cli_report_prediction(tmp_path, capsys):
                     om.cache.stats["decode"].requests) == before
             assert rates.read_bandwidth > 0 and rates.dense_seconds > 0 and rates.expert_seconds > 0
             assert rates.access_seconds > 0               # timed on a scratch cache: the run's is untouched
+            assert rates.background_seconds_per_byte >= 0  # reads on a thread beside dense steps
             r = om.generate(PROMPT, max_new_tokens=6)
             assert r.generated_ids[0] == want
             m = r.metrics
