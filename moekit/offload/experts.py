@@ -193,10 +193,9 @@ class OffloadRuntime:
             self.weights.unreserve(key)
             self.stats.prefetch_dropped += 1
 
-    def _resolve(self, key: tuple[int, int]) -> None:
-        """Wait for the prefetch of ``key`` and hold its weights (a failed read raises here)."""
-        fut = self.pending.pop(key)
-        t0 = time.perf_counter()
+    def _await(self, key: tuple[int, int], fut: Future) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights of a background read of ``key`` once landed (on CUDA the current stream
+        waits for the side stream's copy); a failed read releases its reservation and raises."""
         try:
             w, event = fut.result()
         except BaseException:
@@ -207,6 +206,12 @@ class OffloadRuntime:
             cur.wait_event(event)
             for t in w:
                 t.record_stream(cur)
+        return w
+
+    def _resolve(self, key: tuple[int, int]) -> None:
+        """Wait for the prefetch of ``key`` and hold its weights (a failed read raises here)."""
+        t0 = time.perf_counter()
+        w = self._await(key, self.pending.pop(key))
         self.stats.prefetch_wait_seconds += time.perf_counter() - t0
         self.weights.fill(key, w)
 
@@ -254,18 +259,8 @@ class OffloadRuntime:
     def resolve_miss(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Wait for the overlapped read of miss ``key``, hold its weights and return them (a
         failed read raises here, its reserved bytes released)."""
-        fut = self.pending_misses.pop(key)
         t0 = time.perf_counter()
-        try:
-            w, event = fut.result()
-        except BaseException:
-            self.weights.unreserve(key)
-            raise
-        if event is not None:
-            cur = torch.cuda.current_stream(self.device)
-            cur.wait_event(event)
-            for t in w:
-                t.record_stream(cur)
+        w = self._await(key, self.pending_misses.pop(key))
         self.stats.loads += 1
         self.stats.bytes_loaded += ExpertWeights.nbytes(w)
         self.stats.load_seconds += time.perf_counter() - t0
