@@ -24,6 +24,7 @@ setting, and ``chunks="auto"`` after its tuning calls, compared with the best fi
     python benchmarks/bench_overlap.py                      # both shapes, W = 2 and 4 (~10 min)
     python benchmarks/bench_overlap.py --quick              # one shape, W = 2, few reps
     python benchmarks/bench_overlap.py --loopback           # no namespaces (overlap is noise here)
+    python benchmarks/bench_overlap.py --transport waves    # NCCL's posting order (grouped waves) on gloo
 
 Ranks use one torch thread each and the README's glibc allocator settings (set for every
 setting alike). Needs root and iproute2 for the shaped link; without them it says so and runs on loopback only
@@ -133,12 +134,13 @@ def rank_main(args) -> None:
         settings = [("none", None)] + [(o, d) for o in ("chunked", "fine") for d in CANDIDATES[o]]
         rows, probes = [], []
         for overlap, d in settings:
-            ep = expert_parallel(_layer(shape), overlap=overlap, chunks=d if d else "auto")
+            kw = {} if overlap == "none" else {"transport": args.transport}
+            ep = expert_parallel(_layer(shape), overlap=overlap, chunks=d if d else "auto", **kw)
             rows.append({"shape": name, "scheme": overlap, "chunks": d})
             probes.append(_probes(ep, x, gy, overlap, d))
         autos = []
         for overlap in ("chunked", "fine"):  # "auto": its tuning calls first, then timed like the rest
-            ep = expert_parallel(_layer(shape), overlap=overlap, chunks="auto")
+            ep = expert_parallel(_layer(shape), overlap=overlap, chunks="auto", transport=args.transport)
             with torch.no_grad():
                 for _ in range(len(ep.dispatcher.tuner.candidates) * ep.dispatcher.tuner.trials + 1):
                     ep(x)
@@ -196,8 +198,8 @@ def _summarise(rows: list[dict]) -> dict:
     return out
 
 
-def _print_table(rows, shape, W, rate) -> None:
-    print(f"\n{shape}, W={W}, link {rate} (ms, slowest rank, median)")
+def _print_table(rows, shape, W, rate, transport) -> None:
+    print(f"\n{shape}, W={W}, link {rate}, transport {transport} (ms, slowest rank, median)")
     print(f"{'scheme':8} {'chunks':>6} {'T_comm':>8} {'T_comp':>8} {'T_overlap':>9} {'hidden':>7} {'vs seq':>7} "
           f"{'fwd':>8} {'fwd+bwd':>8}")
     for r in rows:
@@ -219,6 +221,9 @@ def main(argv=None) -> int:
                         "which the scheme's communication about equals its computation (measured)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--transport", choices=("tagged", "waves"), default="tagged",
+                   help="how the overlapped layers post their messages: gloo's tagged order (default) or "
+                        "NCCL's grouped waves (batch_isend_irecv, the same order on every rank)")
     p.add_argument("--quick", action="store_true", help="mixtral only, W=2, 3 reps")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny layer, W=2, 1 rep, 200mbit (or loopback where no shaped link can be built): "
@@ -258,19 +263,19 @@ def main(argv=None) -> int:
                 with tempfile.TemporaryDirectory() as tmp:
                     out = os.path.join(tmp, "rows.json")
                     argv = [sys.executable, os.path.abspath(__file__), "--rank", "--out", out, "--shapes", shape,
-                            "--reps", str(args.reps), "--threads", str(args.threads)]
+                            "--reps", str(args.reps), "--threads", str(args.threads), "--transport", args.transport]
                     rc = _launch(argv, rate, W, args.loopback, launch)
                     if rc:
                         print(f"{shape} W={W} {rate}: ranks failed (rc {rc})")
                         continue
                     rows = json.loads(Path(out).read_text())
-                _print_table(rows, shape, W, rate)
-                s = {"shape": shape, "W": W, "rate": rate, **_summarise(rows)}
+                _print_table(rows, shape, W, rate, args.transport)
+                s = {"shape": shape, "W": W, "rate": rate, "transport": args.transport, **_summarise(rows)}
                 print(json.dumps(s))
                 summary.append(s)
                 all_rows += [{"W": W, "rate": rate, **r} for r in rows]
     print(json.dumps({"bench": "overlap", "machine": cpu_model(), "link": "loopback" if args.loopback else "shaped",
-                      "results": summary}))
+                      "transport": args.transport, "results": summary}))
     return 0
 
 

@@ -185,7 +185,7 @@ def _check_same_everywhere(sig: dict, group, what: str) -> None:
 
 def expert_parallel(model: nn.Module, group=None, *, placement: PlacementLike = None,
                     timeout: timedelta = DEFAULT_TIMEOUT, ranks_per_node: Optional[int] = None,
-                    overlap: str = "none", chunks: Union[str, int] = "auto") -> nn.Module:
+                    overlap: str = "none", chunks: Union[str, int] = "auto", transport: str = "auto") -> nn.Module:
     """Convert every MoELayer of ``model`` in place to run expert parallel over ``group``.
 
     Args:
@@ -208,19 +208,22 @@ def expert_parallel(model: nn.Module, group=None, *, placement: PlacementLike = 
             arrive and sent back at once), forward and backward; see :mod:`moekit.parallel.overlap`.
         chunks: with overlap, the number of chunks ("chunked") or row blocks per peer
             ("fine"), or "auto": measured per shape on the first calls and cached.
+        transport: with overlap, how its messages are posted: "auto" (NCCL groups: grouped
+            ``batch_isend_irecv`` waves in the same order on every rank; gloo groups: tagged
+            messages, every receive posted first), "tagged" (gloo only) or "waves" (NCCL or gloo).
 
     Returns ``model``. Each rank keeps only its slots' expert weights.
     """
     from moekit.parallel import overlap as _overlap  # it subclasses AllToAllDispatcher
 
-    _overlap.check_overlap(overlap, chunks, ranks_per_node)
+    _overlap.check_overlap(overlap, chunks, ranks_per_node, transport)
     group = _group_of(group)
     W, rank = dist.get_world_size(group), dist.get_rank(group)
     layers = list(moe_layers(model))
     if not layers:
         raise ValueError("expert_parallel: the model has no MoELayer")
     sig = {"num_moe_layers": len(layers), "layer_names": [n for n, _ in layers], "overlap": overlap,
-           "chunks": chunks}
+           "chunks": chunks, "transport": transport}
     for i, (_, layer) in enumerate(layers):
         for k, v in _layer_signature(layer).items():
             sig[f"layers[{i}].{k}"] = v
@@ -246,7 +249,7 @@ def expert_parallel(model: nn.Module, group=None, *, placement: PlacementLike = 
         if overlap == "none":
             layer.dispatcher = AllToAllDispatcher(group, pl, rank, name, timeout, rows_group)
         else:
-            layer.dispatcher = _overlap.OverlapDispatcher(group, pl, rank, name, timeout, overlap, chunks)
+            layer.dispatcher = _overlap.OverlapDispatcher(group, pl, rank, name, timeout, overlap, chunks, transport)
         layer.global_batch = GroupBatch(group, timeout, name)
     return model
 

@@ -10,11 +10,20 @@ one pipelined block, :class:`OverlapDispatcher.run`, over *pieces*: piece (q, j)
 the rows exchanged with peer q, where block j of a segment of n rows (one (peer, slot) pair) is
 rows ``[n*j//B, n*(j+1)//B)`` and a piece takes block j of each of the peer's S segments, so
 both sides derive every piece's rows and per-slot counts from the counts they already
-exchanged. All messages are point-to-point (``isend``/``irecv``, one per non-empty piece and
-direction, tags by piece). Every receive is posted first; dispatch sends follow ring order
-(rank r sends to r+1, r+2, ... and receives from r-1, r-2, ...: at each step every rank sends
-to a different peer), all at once when chunked (chunk j of every peer is needed together), peer
-after peer from a sender thread when fine (the peer computed first gets the whole link).
+exchanged. All messages are point-to-point, one per non-empty piece and direction. One compute
+loop (:class:`_Pipeline`) runs the stages; how the messages are posted is its transport:
+
+- "tagged" (gloo, :class:`_Tagged`): ``isend``/``irecv`` tagged by piece. Every receive is
+  posted first; dispatch sends follow ring order (rank r sends to r+1, r+2, ... and receives
+  from r-1, r-2, ...: at each step every rank sends to a different peer), all at once when
+  chunked (chunk j of every peer is needed together), peer after peer from a sender thread
+  when fine (the peer computed first gets the whole link).
+- "waves" (NCCL, :class:`_Waves`): NCCL matches a pair's messages in issue order, without
+  tags, and runs them on one stream per communicator, so the order above would deadlock there.
+  Instead every message travels in a ``batch_isend_irecv`` group ("wave"), and every rank
+  posts the same sequence of waves (:func:`wave_schedule`): the rows of stage i in wave D(i),
+  their results in C(i), interleaved with a look-ahead of one (D(i+1) is posted before stage i
+  computes, C(i) right after it); within a wave a pair's messages match in order.
 
 - ``overlap="chunked"`` (Tutel's adaptive pipelining, degree d = B): stage j computes the
   rows of chunk j from *every* source at once (one grouped expert GEMM per chunk, rows
@@ -43,11 +52,13 @@ key) and reuses it without retuning; a new key tunes again. This is Comet's adap
 assignment at the granularity Python can control: how the work is cut and ordered.
 
 On CPUs gloo moves the bytes on its own threads while the main thread computes (the link waits,
-the cores compute). Only gloo groups are accepted: NCCL matches point-to-point messages per pair
-in issue order (no tags) on one stream per communicator, which this posting order (every
-receive first) would deadlock; an NCCL version needs grouped waves (``batch_isend_irecv``) on a
-side stream and is refused with an error until it exists. Placements with replicas and capacity drops work as in
-the reference; ``ranks_per_node`` (2DH) does not combine with overlap (refused).
+the cores compute). gloo groups use the tagged transport and NCCL groups the waves (any other
+backend is refused with an error); ``transport="waves"`` forces the waves on gloo. The NCCL
+path is built but has not been run on a GPU here: the tests run the same wave code on gloo
+(bit for bit equal to the non-overlapped layer) and check, at W = 2..5, that every rank posts
+the same wave sequence with each pair's messages matching. Placements with replicas and capacity
+drops work as in the reference; ``ranks_per_node`` (2DH) does not combine with overlap
+(refused).
 """
 from __future__ import annotations
 
@@ -56,7 +67,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -150,9 +161,282 @@ def _ring_out(W: int, rank: int) -> list[int]:
     return [(rank + k) % W for k in range(1, W)]
 
 
+class _Transport:
+    """How a :class:`_Pipeline` moves its messages: the posting strategy, called from the shared
+    compute loop at fixed points (``start``, ``before_stage(i)``, ``rows_in``, ``send_back``,
+    ``after_stage(i)``, ``finish``). This base moves nothing: mode "comp" (received rows are zeros
+    of the right size, results are not sent, remote rows of the output stay zero)."""
+
+    def __init__(self, plan: ExchangePlan, stage_list, group, timeout: timedelta, what: str):
+        self.plan, self.stages, self.group, self.timeout, self.what = plan, stage_list, group, timeout, what
+
+    def start(self, rows_RD: torch.Tensor, D_out: int) -> None:
+        self.rows_RD, self.D_out = rows_RD, D_out
+
+    def before_stage(self, i: int) -> None:
+        pass
+
+    def rows_in(self, i: int, piece: tuple[int, int]) -> torch.Tensor:
+        """The received rows [n, D] (n > 0) of remote piece ``piece`` of stage i."""
+        return self.rows_RD.new_zeros(self.plan.recv_rows(*piece), self.rows_RD.shape[-1])
+
+    def send_back(self, i: int, piece: tuple[int, int], y: torch.Tensor) -> None:
+        """Results [n, D_out] (n > 0) of remote piece ``piece`` (computed in stage i) for its source."""
+
+    def after_stage(self, i: int) -> None:
+        pass
+
+    def finish(self, out_RD: torch.Tensor) -> None:
+        """Copy the returned results into ``out_RD`` (rows of the send buffer) and wait for every
+        outstanding message."""
+
+
+class _Tagged(_Transport):
+    """gloo's posting order: every receive first (tags by piece: between two ranks, block j's
+    dispatch message has tag 2j and its returned results 2j+1), then the dispatch sends in ring
+    order, all at once when chunked, peer after peer from a :class:`_Sender` thread when fine;
+    results go back one ``isend`` per piece as soon as computed. gloo matches by (peer, tag), so
+    this order is free; NCCL would deadlock on it (see :class:`_Waves`)."""
+
+    def start(self, rows_RD, D_out):
+        super().start(rows_RD, D_out)
+        plan, rank, W, D = self.plan, self.plan.rank, self.plan.W, rows_RD.shape[-1]
+        self.inbound, self.outbound, self.returns = {}, [], {}
+        for (q, j) in (p for st in self.stages for p in st):
+            if q == rank:
+                continue
+            n_in, n_back = plan.recv_rows(q, j), plan.send_rows(q, j)
+            if n_in:
+                buf = rows_RD.new_empty(n_in, D)
+                self.inbound[(q, j)] = (buf, dist.irecv(buf, group=self.group, group_src=q, tag=2 * j))
+            if n_back:
+                buf = rows_RD.new_empty(n_back, D_out)
+                self.returns[(q, j)] = (buf, dist.irecv(buf, group=self.group, group_src=q, tag=2 * j + 1))
+        # dispatch sends, in the order the receivers consume
+        chunked = any(len(st) > 1 for st in self.stages)
+        waves = []  # chunked: one wave, block-major (chunk j from every peer at once); fine: a wave per peer
+        for q in _ring_out(W, rank):
+            waves.append([(q, 2 * j, rows_RD.index_select(0, plan.send_index(q, j)))
+                          for j in range(plan.B) if plan.send_rows(q, j)])
+        self.sender = None
+        if chunked:
+            flat = [m for j in range(plan.B) for wave in waves for m in wave if m[1] == 2 * j]
+            self.outbound += [(dist.isend(t, group=self.group, group_dst=q, tag=tag), t) for q, tag, t in flat]
+        else:
+            self.sender = _Sender(waves, self.group, self.timeout, f"{self.what}: send")
+            self.sender.start()
+
+    def rows_in(self, i, piece):
+        buf, work = self.inbound.pop(piece)
+        comm.wait(work, self.timeout, f"{self.what}: rows of piece {piece} from rank {piece[0]}")
+        return buf
+
+    def send_back(self, i, piece, y):
+        y = y.contiguous()
+        q, j = piece
+        self.outbound.append((dist.isend(y, group=self.group, group_dst=q, tag=2 * j + 1), y))
+
+    def finish(self, out_RD):
+        for (q, j), (buf, work) in self.returns.items():
+            comm.wait(work, self.timeout, f"{self.what}: results of piece {(q, j)} from rank {q}")
+            out_RD.index_copy_(0, self.plan.send_index(q, j), buf)
+        for work, _ in self.outbound:
+            comm.wait(work, self.timeout, f"{self.what}: send")
+        if self.sender is not None:
+            self.sender.finish()
+
+
+class WaveOp(NamedTuple):
+    """One message of a wave, seen from this rank. ``send``: this rank sends to ``peer`` (else
+    receives from it); ``kind`` "rows" (dispatch: rows of a piece to the expert side) or "results"
+    (combine: the piece's expert outputs back to its source); the piece is (peer, ``block``) in
+    this rank's plan (its rows for peer when this rank is the source, peer's rows when it
+    computes them); ``rows``: the message's row count (> 0: empty messages are left out)."""
+
+    send: bool
+    peer: int
+    kind: str
+    block: int
+    rows: int
+
+
+class Wave(NamedTuple):
+    """One ``batch_isend_irecv`` group: ``label`` ("D", i) dispatches the rows computed in stage
+    i, ("C", i) returns their results; ``at`` ("before", i) / ("after", i): the pipeline posts it
+    just before computing stage i / just after; ``ops`` in posting order (may be empty: then
+    nothing is posted)."""
+
+    label: tuple[str, int]
+    at: tuple[str, int]
+    ops: list[WaveOp]
+
+
+def wave_schedule(overlap: str, plan: ExchangePlan) -> list[Wave]:
+    """The waves this rank posts for one pipelined call, in posting order (see :class:`_Waves`).
+
+    Stage lists of *every* rank are the same function of (overlap, W, B) with the rank as a
+    parameter, so each rank derives which of its rows the others compute in their stage i:
+    D(i) on rank r = receive each remote piece (q, j) of r's stage i from q, in stage order,
+    and send to each peer q the rows of r's block j for each (r, j) in q's stage i, in q's
+    stage order; C(i) the same with the directions reversed (results). Row counts come from
+    the plan: r's receive of (q, j) has ``recv_rows(q, j)`` rows, q's matching send
+    ``send_rows(r, j)`` on q, the same number (block j of the counts both exchanged)."""
+    W, r, B = plan.W, plan.rank, plan.B
+    st = [stages(overlap, W, q, B) for q in range(W)]
+    n = len(st[r])
+    if any(len(s) != n for s in st):
+        raise AssertionError("wave_schedule: ranks' stage lists differ in length")
+
+    def wave(kind: str, i: int) -> list[WaveOp]:
+        # kind "rows": receive this stage's pieces, send ours that the peers compute in stage i;
+        # "results": the reverse
+        mine = [WaveOp(kind == "results", q, kind, j, plan.recv_rows(q, j)) for q, j in st[r][i] if q != r]
+        theirs = [WaveOp(kind == "rows", q, kind, j, plan.send_rows(q, j))
+                  for q in _ring_out(W, r) for p, j in st[q][i] if p == r]
+        return [op for op in mine + theirs if op.rows]
+
+    # stages with a message anywhere (the same list on every rank: a property of the structure)
+    comm_stages = [i for i in range(n) if any(p != q for q in range(W) for p, _ in st[q][i])]
+    out = []
+    for m, c in enumerate(comm_stages):
+        if m == 0:
+            out.append(Wave(("D", c), ("before", 0), wave("rows", c)))
+        if m + 1 < len(comm_stages):  # look-ahead of one: the next stage's rows travel during this one
+            out.append(Wave(("D", comm_stages[m + 1]), ("before", c), wave("rows", comm_stages[m + 1])))
+        out.append(Wave(("C", c), ("after", c), wave("results", c)))
+    return out
+
+
+class _Waves(_Transport):
+    """NCCL's posting order (also runs on gloo): every message travels inside a
+    ``dist.batch_isend_irecv`` group ("wave", tag 0), and every rank posts the same sequence of
+    waves (:func:`wave_schedule`): D(i) carries the rows computed in stage i, C(i) their results
+    back. Posting: D(first) before stage 0; before each stage i with messages, D(next) (the
+    next stage with messages), then wait for D(i)'s receives; compute stage i; post C(i).
+    Stages without messages (the fine scheme's own head and tail) post and wait nothing. At the
+    end wait for every C wave's receives (results copied out), then for every send.
+
+    The labels are D(c0), then per stage c_m with messages D(c_{m+1}) (if any) and C(c_m):
+    a function of (overlap, W, B) only, the same on every rank; zero-row messages are dropped
+    on both sides (both know every piece's rows from the exchanged counts), and a wave left
+    without messages on rank r holds no message naming r on any other rank, so skipping it
+    changes no pair's sequence. Within a wave, the messages of a pair match in order
+    (:func:`wave_schedule`: rank r's k-th send to q is q's k-th receive from r, same rows):
+
+    - chunked, stage i = chunk i of every peer: D(i) holds, per peer, one send (r's chunk i for
+      q) and one receive (q's chunk i); C(i) the results of those, reversed;
+    - fine, stage (k, j) (ring step k = 1..W-1, block j; after the own head) computes piece
+      (r-k, j) on rank r, and rank r+k computes (r, j) in its stage (k, j): D(k, j) on r = send
+      block j to r+k, receive block j from r-k; this pairing is symmetric across ranks (r's send
+      to r+k is r+k's receive from (r+k)-k = r). When 2k = W (mod W) both name the same peer: one
+      send and one receive with it in the group, which a group allows.
+
+    Why no deadlock under NCCL (ops of a pair matched in issue order, no tags; one stream per
+    communicator runs a rank's waves in issue order; a group completes when all its pairs
+    do): every rank issues the same labels in the same order and each pair's messages match
+    within a wave, so by induction over that order, once every rank's waves before w are done,
+    all of w's messages have their partners issued in w and w completes; host side, a rank
+    waits for D(i) only after issuing every wave up to D(next), and every other rank issues
+    D(i) before it can wait for anything later in the order. On gloo the same tag-0 messages
+    match per pair in issue order too (one connection per pair, FIFO per tag), which is how the
+    tests run this code.
+
+    Waits go through ``comm.wait(work, timeout, what)`` (a dead peer or a timeout fails with an
+    :class:`~moekit.parallel.comm.ExpertParallelError`). With NCCL a wave is one coalesced work
+    running on NCCL's own side stream; its ``wait`` makes the current CUDA stream wait for that
+    stream (an event between the streams: the compute of stage i is queued behind D(i), and
+    C(i), posted after, starts after stage i's compute on NCCL's stream), and with the explicit
+    timeout also blocks this host thread until the wave is done (torch's ProcessGroupNCCL
+    busy-waits when a timeout is given), which bounds how far the host queues compute ahead:
+    D(i+1) is already posted, so the transfer of the next stage still overlaps this one. With
+    gloo (one work per message) D(i)'s receives are waited before stage i; its sends only at
+    the end. Under NCCL the current device must be set (``torch.cuda.set_device``); the group's
+    first collective is the counts exchange, so grouped waves between subsets of ranks are
+    allowed."""
+
+    def __init__(self, plan, stage_list, group, timeout, what, overlap: str):
+        super().__init__(plan, stage_list, group, timeout, what)
+        if stages(overlap, plan.W, plan.rank, plan.B) != list(stage_list):
+            raise AssertionError("_Waves: the stage list is not the scheme's")
+        self.schedule = wave_schedule(overlap, plan)
+
+    def start(self, rows_RD, D_out):
+        super().start(rows_RD, D_out)
+        self.inbound, self.returns, self.results = {}, {}, {}
+        self.need: dict = {}  # label -> works to finish before its received rows are used
+        self.later: list = []  # works waited at the end (sends), with the tensors they read
+        self.posted = 0
+
+    def _post_until(self, at: tuple[str, int]) -> None:
+        while self.posted < len(self.schedule) and self.schedule[self.posted].at == at:
+            self._post(self.schedule[self.posted])
+            self.posted += 1
+
+    def _post(self, wave: Wave) -> None:
+        plan, D = self.plan, self.rows_RD.shape[-1]
+        p2p, recv = [], []
+        for op in wave.ops:
+            piece = (op.peer, op.block)
+            if op.kind == "rows" and op.send:
+                t = self.rows_RD.index_select(0, plan.send_index(*piece))
+            elif op.kind == "rows":
+                t = self.inbound[piece] = self.rows_RD.new_empty(op.rows, D)
+            elif op.send:
+                t = self.results.pop(piece)
+            else:
+                t = self.returns[piece] = self.rows_RD.new_empty(op.rows, self.D_out)
+            recv.append(not op.send)
+            p2p.append(dist.P2POp(dist.isend if op.send else dist.irecv, t, group=self.group,
+                                  group_peer=op.peer, tag=0))
+        if not p2p:
+            return
+        works = dist.batch_isend_irecv(p2p)
+        if len(works) == len(p2p):  # one work per message (gloo): receives now, sends at the end
+            self.need[wave.label] = [w for w, rv in zip(works, recv) if rv]
+            self.later += [(w, op.tensor) for w, op, rv in zip(works, p2p, recv) if not rv]
+        else:  # one coalesced work for the group (NCCL)
+            self.need[wave.label] = list(works)
+            self.later.append((None, [op.tensor for op in p2p]))  # keeps the sent tensors alive
+
+    def _wait(self, label: tuple[str, int], what: str) -> None:
+        for work in self.need.pop(label, ()):
+            comm.wait(work, self.timeout, what)
+
+    def before_stage(self, i):
+        self._post_until(("before", i))
+        self._wait(("D", i), f"{self.what}: rows of stage {i} (wave D{i})")
+
+    def rows_in(self, i, piece):
+        return self.inbound.pop(piece)
+
+    def send_back(self, i, piece, y):
+        self.results[piece] = y.contiguous()
+
+    def after_stage(self, i):
+        self._post_until(("after", i))
+
+    def finish(self, out_RD):
+        if self.posted != len(self.schedule) or self.results:
+            raise AssertionError("_Waves: a wave was not posted")  # a schedule/pipeline mismatch
+        for label in [lb for lb in self.need if lb[0] == "C"]:
+            self._wait(label, f"{self.what}: results of stage {label[1]} (wave C{label[1]})")
+        for (q, j), buf in self.returns.items():
+            out_RD.index_copy_(0, self.plan.send_index(q, j), buf)
+        for label in list(self.need):
+            self._wait(label, f"{self.what}: wave {label[0]}{label[1]}")
+        for work, _ in self.later:
+            if work is not None:
+                comm.wait(work, self.timeout, f"{self.what}: send")
+        self.later = []
+
+
+TRANSPORTS = ("auto", "tagged", "waves")
+
+
 class _Pipeline:
-    """Runs one direction of the pipelined block: send rows out by piece, compute each stage as
-    its pieces arrive, send results back to their sources, collect what comes back.
+    """Runs one direction of the pipelined block: per stage, take each piece's received rows,
+    compute, send the results back to their sources; then collect what comes back. The
+    messages are the transport's (:class:`_Tagged` for gloo, :class:`_Waves` for NCCL).
 
     ``compute(stage_index, pieces, x_rows, counts_WS) -> y_rows`` gets the stage's received rows
     concatenated in piece order (each piece in slot order) and returns rows in the same order.
@@ -161,55 +445,33 @@ class _Pipeline:
     nothing is sent: for measuring T_comp).
     """
 
-    def __init__(self, plan: ExchangePlan, stage_list, group, timeout: timedelta, what: str, mode: str = "both"):
-        self.plan, self.stages, self.group, self.timeout, self.what, self.mode = plan, stage_list, group, timeout, what, mode
+    def __init__(self, plan: ExchangePlan, stage_list, group, timeout: timedelta, what: str, mode: str = "both",
+                 transport: str = "tagged", overlap: Optional[str] = None):
+        self.plan, self.stages, self.mode = plan, stage_list, mode
+        if mode == "comp":
+            self.transport = _Transport(plan, stage_list, group, timeout, what)
+        elif transport == "waves":
+            self.transport = _Waves(plan, stage_list, group, timeout, what, overlap)
+        elif transport == "tagged":
+            self.transport = _Tagged(plan, stage_list, group, timeout, what)
+        else:
+            raise ValueError(f"transport={transport!r}: expected 'tagged' or 'waves'")
 
     def run(self, rows_RD: torch.Tensor, compute: Callable, D_out: int) -> torch.Tensor:
-        # between two ranks, block j's dispatch message has tag 2j and its returned results 2j+1
-        plan, rank, W = self.plan, self.plan.rank, self.plan.W
-        comm_on = self.mode != "comp"
+        plan, rank, t = self.plan, self.plan.rank, self.transport
         D = rows_RD.shape[-1]
-        inbound, outbound, returns = {}, [], {}
-        pieces = [p for st in self.stages for p in st]
-        # post every receive of the dispatch and of the returns, then every dispatch send (ring order)
-        for (q, j) in pieces:
-            if q == rank:
-                continue
-            n_in, n_back = plan.recv_rows(q, j), plan.send_rows(q, j)
-            if n_in:
-                buf = rows_RD.new_empty(n_in, D) if comm_on else rows_RD.new_zeros(n_in, D)
-                work = dist.irecv(buf, group=self.group, group_src=q, tag=2 * j) if comm_on else None
-                inbound[(q, j)] = (buf, work)
-            if n_back:
-                buf = rows_RD.new_empty(n_back, D_out)
-                work = dist.irecv(buf, group=self.group, group_src=q, tag=2 * j + 1) if comm_on else None
-                returns[(q, j)] = (buf, work)
-        sender = None
-        if comm_on:  # in the order the receivers consume
-            chunked = any(len(st) > 1 for st in self.stages)
-            waves = []  # chunked: one wave, block-major (chunk j from every peer at once); fine: a wave per peer
-            for q in _ring_out(W, rank):
-                msgs = [(q, 2 * j, rows_RD.index_select(0, plan.send_index(q, j)))
-                        for j in range(plan.B) if plan.send_rows(q, j)]
-                waves.append(msgs)
-            if chunked:
-                waves = [[m for j in range(plan.B) for wave in waves for m in wave if m[1] == 2 * j]]
-                outbound += [(dist.isend(t, group=self.group, group_dst=q, tag=tag), t) for q, tag, t in waves[0]]
-            else:
-                sender = _Sender(waves, self.group, self.timeout, f"{self.what}: send")
-                sender.start()
+        t.start(rows_RD, D_out)
         out_RD = rows_RD.new_zeros(rows_RD.shape[0], D_out)
         for i, stage in enumerate(self.stages):
+            t.before_stage(i)
             xs, counts = [], []
             for (q, j) in stage:
-                counts.append(plan.recv_counts_S(q, j))
+                c = plan.recv_counts_S(q, j)
+                counts.append(c)
                 if q == rank:
                     xs.append(rows_RD.index_select(0, plan.send_index(q, j)))
-                elif (q, j) in inbound:
-                    buf, work = inbound.pop((q, j))
-                    if work is not None:
-                        comm.wait(work, self.timeout, f"{self.what}: rows of piece {(q, j)} from rank {q}")
-                    xs.append(buf)
+                elif sum(c):
+                    xs.append(t.rows_in(i, (q, j)))
                 else:
                     xs.append(rows_RD.new_empty(0, D))
             x = torch.cat(xs) if len(xs) > 1 else xs[0]
@@ -223,18 +485,10 @@ class _Pipeline:
                 off += n
                 if q == rank:
                     out_RD.index_copy_(0, plan.send_index(q, j), y_piece)
-                elif comm_on:
-                    y_piece = y_piece.contiguous()
-                    outbound.append((dist.isend(y_piece, group=self.group, group_dst=q,
-                                                tag=2 * j + 1), y_piece))
-        for (q, j), (buf, work) in returns.items():
-            if work is not None:
-                comm.wait(work, self.timeout, f"{self.what}: results of piece {(q, j)} from rank {q}")
-                out_RD.index_copy_(0, plan.send_index(q, j), buf)
-        for work, _ in outbound:
-            comm.wait(work, self.timeout, f"{self.what}: send")
-        if sender is not None:
-            sender.finish()
+                else:
+                    t.send_back(i, (q, j), y_piece)
+            t.after_stage(i)
+        t.finish(out_RD)
         return out_RD
 
 
@@ -322,7 +576,7 @@ class _OverlappedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD, w_in, w_out, disp: "OverlapDispatcher", plan: ExchangePlan, stage_list):
         block = _ExpertsBlock(disp._experts, plan, stage_list, keep_graph=True)
-        pipe = _Pipeline(plan, stage_list, disp.group, disp.timeout, f"overlapped dispatch of layer {disp.name!r}")
+        pipe = disp._pipeline(plan, stage_list, f"overlapped dispatch of layer {disp.name!r}")
         y_RD = pipe.run(x_RD, block.forward, x_RD.shape[-1])
         ctx.block, ctx.disp = block, disp
         return y_RD
@@ -332,8 +586,7 @@ class _OverlappedExperts(torch.autograd.Function):
     def backward(ctx, g_RD):
         block, disp = ctx.block, ctx.disp
         block.param_grads = {}
-        pipe = _Pipeline(block.plan, block.stages, disp.group, disp.timeout,
-                         f"overlapped backward of layer {disp.name!r}")
+        pipe = disp._pipeline(block.plan, block.stages, f"overlapped backward of layer {disp.name!r}")
         gx_RD = pipe.run(g_RD.contiguous(), block.backward, g_RD.shape[-1])
         ex = block.experts
         g_in, g_out = block.param_grads.get(ex.w_in), block.param_grads.get(ex.w_out)
@@ -383,20 +636,18 @@ class ChunkTuner:
 class OverlapDispatcher(AllToAllDispatcher):
     """An :class:`AllToAllDispatcher` whose layer runs dispatch, experts and combine as one
     pipelined block (:meth:`run`); ``overlap`` is "chunked" or "fine", ``chunks`` an int (chunks
-    for "chunked", row blocks per peer for "fine") or "auto"."""
+    for "chunked", row blocks per peer for "fine") or "auto". ``transport``: "auto" (the grouped
+    waves on NCCL, the tagged order on gloo), "tagged" (gloo only) or "waves" (NCCL or gloo:
+    forces the NCCL posting order on gloo, for tests and benchmarks); :attr:`transport` holds
+    the resolved one."""
 
-    def __init__(self, group, placement, rank: int, name: str, timeout: timedelta, overlap: str, chunks: Chunks):
+    def __init__(self, group, placement, rank: int, name: str, timeout: timedelta, overlap: str, chunks: Chunks,
+                 transport: str = "auto"):
         super().__init__(group, placement, rank, name, timeout)
         if overlap not in ("chunked", "fine"):
             raise ValueError(f"overlap={overlap!r}: expected one of {OVERLAP_MODES}")
-        check_overlap(overlap, chunks, None)
-        backend = dist.get_backend(group)
-        if backend != "gloo":
-            # NCCL matches point-to-point ops per pair in issue order without tags and runs them
-            # on one stream per communicator: the posting order here (every receive first) would
-            # deadlock there; refuse rather than hang
-            raise NotImplementedError(f"expert_parallel(overlap={overlap!r}) runs on gloo process groups; this "
-                                      f"group's backend is {backend!r} (use overlap='none' there)")
+        check_overlap(overlap, chunks, None, transport)
+        self.transport = resolve_transport(transport, dist.get_backend(group), overlap)
         self.overlap, self.chunks = overlap, chunks
         self.tuner = ChunkTuner(CANDIDATES[overlap]) if chunks == "auto" else None
         self.last_chunks: Optional[int] = None
@@ -432,6 +683,8 @@ class OverlapDispatcher(AllToAllDispatcher):
         self.last_chunks = B
         plan = ExchangePlan(self.rank, send_WS, recv_WS, B, x_TD.device, local_blocks(self.overlap, B))
         stage_list = stages(self.overlap, self.placement.world_size, self.rank, B)
+        if index is not None and x_TD.device.type == "cuda":
+            torch.cuda.synchronize(x_TD.device)  # the trial's clock starts with no earlier work queued
         t0 = time.perf_counter()
         y_sorted = self.block(x_sorted, experts, plan, stage_list)
         if index is not None:
@@ -458,17 +711,40 @@ class OverlapDispatcher(AllToAllDispatcher):
             finally:
                 self._experts = None
         blk = _ExpertsBlock(experts, plan, stage_list, keep_graph=False)
-        pipe = _Pipeline(plan, stage_list, self.group, self.timeout, f"overlapped dispatch of layer {self.name!r}", mode)
+        pipe = self._pipeline(plan, stage_list, f"overlapped dispatch of layer {self.name!r}", mode)
         return pipe.run(x_sorted, blk.forward, x_sorted.shape[-1])
+
+    def _pipeline(self, plan: ExchangePlan, stage_list, what: str, mode: str = "both") -> _Pipeline:
+        return _Pipeline(plan, stage_list, self.group, self.timeout, what, mode, self.transport, self.overlap)
 
     def dispatch(self, x_TD, routing):
         raise RuntimeError(f"layer {self.name!r} runs overlapped (overlap={self.overlap!r}): the layer calls "
                            "run(x_TD, routing, experts), not dispatch/combine")
 
 
-def check_overlap(overlap: str, chunks: Chunks, ranks_per_node) -> None:
+def resolve_transport(transport: str, backend: str, overlap: str) -> str:
+    """"tagged" or "waves" for a group whose backend is ``backend`` (see :class:`OverlapDispatcher`)."""
+    nccl = "nccl" in str(backend)  # "nccl", or a mixed "cpu:gloo,cuda:nccl" group (the waves run on both)
+    if not nccl and backend != "gloo":
+        raise ValueError(f"expert_parallel(overlap={overlap!r}) runs on gloo or NCCL process groups; this "
+                         f"group's backend is {backend!r} (use overlap='none' there)")
+    if transport == "auto":
+        return "waves" if nccl else "tagged"
+    if transport == "tagged" and nccl:
+        # NCCL matches point-to-point ops per pair in issue order without tags and runs them on
+        # one stream per communicator: the tagged order (every receive first) would deadlock
+        raise ValueError(f"expert_parallel: transport='tagged' needs a gloo group (backend {backend!r}); NCCL "
+                         "groups use transport='waves' (the default 'auto' picks it)")
+    return transport
+
+
+def check_overlap(overlap: str, chunks: Chunks, ranks_per_node, transport: str = "auto") -> None:
     if overlap not in OVERLAP_MODES:
         raise ValueError(f"expert_parallel: overlap={overlap!r}, expected one of {OVERLAP_MODES}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"expert_parallel: transport={transport!r}, expected one of {TRANSPORTS}")
+    if overlap == "none" and transport != "auto":
+        raise ValueError(f"expert_parallel: transport={transport!r} applies to overlapped layers (overlap='none')")
     if overlap != "none" and ranks_per_node is not None:
         raise ValueError("expert_parallel: overlap with ranks_per_node (2DH) is not supported: the overlapped "
                          "schemes exchange point-to-point per peer; use the flat exchange")

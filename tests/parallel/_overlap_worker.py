@@ -22,9 +22,10 @@ def _run(model, x, gy):
     return y, xe.grad
 
 
-def scenario_integer_exact(rank, W):
+def scenario_integer_exact(rank, W, transport="auto", degrees=(("chunked", (1, 2, 3, 4, 8)), ("fine", (1, 2, 3)))):
     """Every chunk count of both schemes gives the non-overlapped layer's output, input grads and
-    expert grads bit for bit (torch.equal), with uneven tokens (a rank with none, one with T=1)."""
+    expert grads bit for bit (torch.equal), with uneven tokens (a rank with none, one with T=1).
+    ``transport``: the overlapped layer's ("auto" is the tagged one on gloo; "waves" NCCL's)."""
     E_ = Ei if Ei % W == 0 else 12
     g = torch.Generator().manual_seed(5)
     counts = tokens_per_rank(W, "uneven")
@@ -34,11 +35,12 @@ def scenario_integer_exact(rank, W):
     ref = expert_parallel(integer_net(E_, Di, Fi))
     y_ref, gx_ref = _run(ref, x[lo:hi], gy[lo:hi])
     assert (y_ref != 0).any() or hi == lo
-    for overlap, degrees in (("chunked", (1, 2, 3, 4, 8)), ("fine", (1, 2, 3))):
-        for d in degrees:
-            par = expert_parallel(integer_net(E_, Di, Fi), overlap=overlap, chunks=d)
+    for overlap, ds in degrees:
+        for d in ds:
+            par = expert_parallel(integer_net(E_, Di, Fi), overlap=overlap, chunks=d, transport=transport)
+            assert par[0].dispatcher.transport == ("tagged" if transport == "auto" else transport)
             y, gx = _run(par, x[lo:hi], gy[lo:hi])
-            what = f"{overlap} chunks={d}"
+            what = f"{overlap} chunks={d} transport={transport}"
             assert torch.equal(y, y_ref), f"{what}: output"
             assert torch.equal(gx, gx_ref), f"{what}: input grad"
             for i in range(2):
@@ -46,6 +48,11 @@ def scenario_integer_exact(rank, W):
                     a, b = getattr(par[i].experts, pn).grad, getattr(ref[i].experts, pn).grad
                     assert torch.equal(a, b), f"{what}: layer {i} {pn} grad, max diff {(a - b).abs().max()}"
                 assert torch.equal(par[i].router.weight.grad, ref[i].router.weight.grad), f"{what}: router {i}"
+
+
+def scenario_integer_exact_waves(rank, W):
+    """The same with NCCL's posting order (grouped waves, tag 0) forced on gloo."""
+    scenario_integer_exact(rank, W, "waves", (("chunked", (1, 2, 3, 8)), ("fine", (1, 2, 3))))
 
 
 def scenario_matches_single_device(rank, W):
@@ -132,13 +139,16 @@ def scenario_auto_tuner(rank, W):
 def scenario_errors(rank, W):
     expect(ValueError, "overlap='pipelined'", lambda: expert_parallel(make_net(), overlap="pipelined"))
     expect(ValueError, "chunks=0", lambda: expert_parallel(make_net(), overlap="fine", chunks=0))
+    expect(ValueError, "transport='nccl'", lambda: expert_parallel(make_net(), overlap="fine", transport="nccl"))
+    expect(ValueError, "applies to overlapped", lambda: expert_parallel(make_net(), transport="waves"))
     if W % 2 == 0:
         expect(ValueError, "2DH", lambda: expert_parallel(make_net(), overlap="fine", ranks_per_node=2))
     net = expert_parallel(make_net(), overlap="fine")
     expect(RuntimeError, "runs overlapped", lambda: net.moe1.dispatcher.dispatch(torch.zeros(1, 16), None))
 
 
-SCENARIOS = {"integer_exact": scenario_integer_exact, "matches_single_device": scenario_matches_single_device,
+SCENARIOS = {"integer_exact": scenario_integer_exact, "integer_exact_waves": scenario_integer_exact_waves,
+             "matches_single_device": scenario_matches_single_device,
              "capacity_and_one_expert": scenario_capacity_and_one_expert, "checkpointing": scenario_checkpointing,
              "auto_tuner": scenario_auto_tuner, "errors": scenario_errors}
 
