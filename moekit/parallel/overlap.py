@@ -341,14 +341,14 @@ class _Waves(_Transport):
     match per pair in issue order too (one connection per pair, FIFO per tag), which is how the
     tests run this code.
 
-    Waits go through ``comm.wait(work, timeout, what)`` (a dead peer or a timeout fails with an
-    :class:`~moekit.parallel.comm.ExpertParallelError`). With NCCL a wave is one coalesced work
-    running on NCCL's own side stream; its ``wait`` makes the current CUDA stream wait for that
-    stream (an event between the streams: the compute of stage i is queued behind D(i), and
-    C(i), posted after, starts after stage i's compute on NCCL's stream), and with the explicit
-    timeout also blocks this host thread until the wave is done (torch's ProcessGroupNCCL
-    busy-waits when a timeout is given), which bounds how far the host queues compute ahead:
-    D(i+1) is already posted, so the transfer of the next stage still overlaps this one. With
+    On CPU tensors waits go through ``comm.wait(work, timeout, what)`` (a dead peer or a timeout
+    fails with an :class:`~moekit.parallel.comm.ExpertParallelError`). With NCCL a wave is one
+    coalesced work running on NCCL's own side stream; its ``wait()`` (no timeout) makes the
+    current CUDA stream wait for that stream (an event between the streams: the compute of
+    stage i is queued behind D(i), and C(i), posted after, starts after stage i's compute on
+    NCCL's stream) and returns at once, so the host queues the following stages ahead; a
+    timeout there would make torch's ProcessGroupNCCL block the host until the wave is done,
+    so a dead peer is left to the process group's own timeout (``init_process_group``). With
     gloo (one work per message) D(i)'s receives are waited before stage i; its sends only at
     the end. Under NCCL the current device must be set (``torch.cuda.set_device``); the group's
     first collective is the counts exchange, so grouped waves between subsets of ranks are
@@ -400,6 +400,15 @@ class _Waves(_Transport):
 
     def _wait(self, label: tuple[str, int], what: str) -> None:
         for work in self.need.pop(label, ()):
+            self._wait_work(work, what)
+
+    def _wait_work(self, work, what: str) -> None:
+        if self.rows_RD.is_cuda:
+            # stream-ordered: the current stream waits for NCCL's, the host runs on and queues
+            # the next stages (a timeout here would block the host until the wave is done); a
+            # dead peer is caught by the process group's own timeout (init_process_group)
+            work.wait()
+        else:
             comm.wait(work, self.timeout, what)
 
     def before_stage(self, i):
@@ -426,7 +435,7 @@ class _Waves(_Transport):
             self._wait(label, f"{self.what}: wave {label[0]}{label[1]}")
         for work, _ in self.later:
             if work is not None:
-                comm.wait(work, self.timeout, f"{self.what}: send")
+                self._wait_work(work, f"{self.what}: send")
         self.later = []
 
 
