@@ -672,7 +672,7 @@ def _e2e_summary(info: dict, disk: dict, runs: dict, model_dir: Path, budget: in
                      peak_expert_bytes=max(m["peak_expert_bytes"] for m in ms))
             # a decode step's measured terms beside the throughput model's (ms, medians over rounds)
             terms = [f"decode_{k}_seconds" for k in ("step", "demand_read", "expert_compute", "prefetch_wait", "other")]
-            terms += [f"predicted_{k}_seconds" for k in ("step", "dense", "expert_compute", "background_read_cost",
+            terms += [f"predicted_{k}_seconds" for k in ("step", "dense", "expert_compute",
                                                          "demand_read", "prefetch_read")]
             s["decode_step_breakdown_ms"] = {k: 1000 * statistics.median(m[k] for m in ms)
                                              for k in terms if all(m.get(k) is not None for m in ms)}

@@ -80,17 +80,19 @@ def add_parser(subparsers, name: str = "run", help_text: str = "generate with an
     p.add_argument("--no-verify", action="store_true",
                    help="skip the crc32 check of each expert blob read from disk (faster; corruption then "
                         "goes unnoticed)")
-    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                    help="predict the next layers' experts (their routers on the current hidden state) and read "
-                        "them on a background thread while this layer computes (default: on)")
+                        "them on a background thread while this layer computes (default: on with --device cuda; "
+                        "off on CPU, where the guessed reads cost more than they hid on a 2-core disk-tier "
+                        "benchmark: see benchmarks/RESULTS.md)")
     p.add_argument("--overlap-misses", action=argparse.BooleanOptionalAction, default=True,
                    help="read a layer's missed experts on a reader thread while its resident experts compute, "
                         "computing each miss as it lands; --no-overlap-misses reads each miss before the layer "
                         "computes (plain on-demand loading) (default: on)")
-    p.add_argument("--prefetch-predictor", choices=["lookahead", "wholepath"], default="lookahead",
+    p.add_argument("--prefetch-predictor", choices=["lookahead", "wholepath"], default=None,
                    help="what guesses the next layers' experts: 'lookahead' (their routers on the current hidden "
                         "state) or 'wholepath' (the token's experts so far matched against the paths recorded from "
-                        "the prompt and earlier tokens, ExpertFlow-style) (default: lookahead)")
+                        "the prompt and earlier tokens, ExpertFlow-style); turns --prefetch on (default: lookahead)")
     p.add_argument("--horizon", default="auto", metavar="H",
                    help="prefetch look-ahead in MoE layers, or 'auto': from the measured read and compute times "
                         "(default: auto)")
@@ -220,11 +222,15 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if args.prefetch is None:
+        args.prefetch = args.device == "cuda" or args.prefetch_predictor is not None
+    elif not args.prefetch and args.prefetch_predictor is not None:
+        return _err("--prefetch-predictor needs prefetching; drop --no-prefetch")
     try:
         om = load_offloaded(model_dir, budget, store_dir=args.store, policy=args.policy, device=args.device,
                             tier=args.tier, page_cache=args.page_cache, verify=not args.no_verify,
                             progress=progress, prefetch=args.prefetch, horizon=horizon,
-                            prefetch_predictor=args.prefetch_predictor if args.prefetch else "lookahead",
+                            prefetch_predictor=args.prefetch_predictor or "lookahead",
                             miss_model=None if args.miss_model == "off" else args.miss_model,
                             overlap_misses=args.overlap_misses)
         if many is None and not args.no_predict and om.rates is None:

@@ -430,8 +430,7 @@ class OffloadedModel:
         run's measured decode hit rate and prefetch reads; ``predicted_io_bound_tokens_per_s``,
         ``predicted_compute_bound_tokens_per_s``; per decode step (seconds, to set beside the
         measured ``decode_*_seconds``): ``predicted_step_seconds``, ``predicted_dense_seconds``,
-        ``predicted_expert_compute_seconds``, ``predicted_background_read_cost_seconds`` (compute
-        lost to background reads), ``predicted_demand_read_seconds``,
+        ``predicted_expert_compute_seconds``, ``predicted_demand_read_seconds``,
         ``predicted_prefetch_read_seconds`` (background)."""
         if self.rates is None or not decode_tokens:
             return {}
@@ -448,8 +447,7 @@ class OffloadedModel:
         t_dense = self.rates.dense_seconds * B / max(self.rates.dense_batch, 1)
         return {"predicted_decode_tokens_per_s": p.tokens_per_s, "predicted_bound": p.bound,
                 "predicted_step_seconds": p.step_seconds, "predicted_dense_seconds": t_dense,
-                "predicted_expert_compute_seconds": p.compute_seconds - t_dense - p.background_seconds,
-                "predicted_background_read_cost_seconds": p.background_seconds,
+                "predicted_expert_compute_seconds": p.compute_seconds - t_dense,
                 "predicted_demand_read_seconds": p.demand_read_seconds,
                 "predicted_prefetch_read_seconds": p.prefetch_read_seconds,
                 "predicted_io_bound_tokens_per_s": p.io_bound_tokens_per_s,

@@ -28,9 +28,11 @@ time is ``max((k - n) * t_e, t_read(n)) + n * t_e`` instead of ``k * t_e + t_rea
 ``t_compute + t_read(demand)`` above becomes ``dense(B) + L * (E_n[that] + t_access)``
 (``demand_read_seconds`` then reports the reads left on the critical path).
 
-Reads on a background thread (every prefetch read; with overlapped misses, every miss) slow
-the compute they run beside by ``background_seconds_per_byte`` (measured by :func:`calibrate`):
-``t_compute`` gains ``background_bytes * background_seconds_per_byte``. The bound is ``"io"`` when the link
+Reads on a background thread are taken to cost the compute beside them nothing: a probe that
+timed dense steps beside a thread reading experts without pause measured 1.0-1.2 ms of compute
+lost per MiB read on this 2-core box, but charging that rate predicted the variants with
+background reads 13-30 % slower than they ran (reads in bursts between the layer's computes cost far less than
+a reader that never stops), so it was dropped (benchmarks/RESULTS.md). The bound is ``"io"`` when the link
 sets the pace (the prefetch reads take at least the compute they hide under) or the demand
 reads take longer than the compute on the critical path, else ``"compute"``; the I/O bound
 (tokens/s if reading were all the work) is ``B / t_read(demand + prefetch)`` and the compute
@@ -59,10 +61,7 @@ class Rates:
     time of the same expert (1.0 on a CPU-only machine); ``h2d_bandwidth``: bytes/s to move
     activations between host and device (for the miss decision on a GPU); ``access_seconds``:
     the cache's bookkeeping per layer access (policy, residency; host Python, on the critical
-    path of every MoE layer of every step); ``background_seconds_per_byte``: compute time lost
-    per byte read on a background thread (prefetch, overlapped misses) while the main thread
-    computes: on a CPU-only machine the reads' copies and syscalls take cores from the compute
-    (0 where the copy engine does the work)."""
+    path of every MoE layer of every step)."""
 
     read_bandwidth: float
     dense_seconds: float
@@ -73,17 +72,14 @@ class Rates:
     slow_compute_factor: float = 1.0
     h2d_bandwidth: Optional[float] = None
     access_seconds: float = 0.0
-    background_seconds_per_byte: float = 0.0
 
     def __post_init__(self):
         for name in ("read_bandwidth", "dense_seconds", "expert_seconds"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"Rates.{name} must be a positive number, got {v!r}")
-        if min(self.read_latency, self.expert_seconds_per_token, self.access_seconds,
-               self.background_seconds_per_byte) < 0:
-            raise ValueError("Rates.read_latency, expert_seconds_per_token, access_seconds and "
-                             "background_seconds_per_byte must be >= 0")
+        if self.read_latency < 0 or self.expert_seconds_per_token < 0 or self.access_seconds < 0:
+            raise ValueError("Rates.read_latency, expert_seconds_per_token and access_seconds must be >= 0")
 
     def read_seconds(self, n_experts: float, expert_bytes: float) -> float:
         return n_experts * (self.read_latency + expert_bytes / self.read_bandwidth)
@@ -122,7 +118,6 @@ class Prediction:
     demand_read_seconds: float
     prefetch_read_seconds: float
     bytes_per_token: float       # read from the slow tier per decoded token
-    background_seconds: float = 0.0  # compute lost to background reads per step (in compute_seconds)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -171,15 +166,12 @@ def predict_decode(shape: ModelShape, rates: Rates, *, hit_rate: float, batch: i
         + shape.num_layers * rates.access_seconds
     t_demand = rates.read_seconds(demand, shape.expert_bytes)
     t_pref = rates.read_seconds(prefetch_reads, shape.expert_bytes)
-    background = (prefetch_reads + (demand if overlap_misses else 0.0)) * shape.expert_bytes
-    t_compute += background * rates.background_seconds_per_byte
     t_serial = t_compute + t_demand
     if overlap_misses and demand > 0:
         t_e = rates.expert_compute_seconds(batch * shape.top_k / max(per_layer, 1e-12))
         layer_s, exposed_s = _overlapped_layer_seconds(req / shape.num_layers, 1.0 - hit_rate, t_e,
                                                        rates.read_seconds(1, shape.expert_bytes))
-        t_serial = t_dense + shape.num_layers * (layer_s + rates.access_seconds) \
-            + background * rates.background_seconds_per_byte
+        t_serial = t_dense + shape.num_layers * (layer_s + rates.access_seconds)
         t_demand_exposed = shape.num_layers * exposed_s
     else:
         t_demand_exposed = t_demand
@@ -192,8 +184,7 @@ def predict_decode(shape: ModelShape, rates: Rates, *, hit_rate: float, batch: i
         compute_bound_tokens_per_s=batch / t_compute,
         step_seconds=t_step, compute_seconds=t_compute, demand_read_seconds=t_demand_exposed,
         prefetch_read_seconds=t_pref,
-        bytes_per_token=(demand + prefetch_reads) * shape.expert_bytes / batch,
-        background_seconds=background * rates.background_seconds_per_byte)
+        bytes_per_token=(demand + prefetch_reads) * shape.expert_bytes / batch)
 
 
 # ---- per-miss decision ----------------------------------------------------------------------------
@@ -382,7 +373,6 @@ def calibrate(om, *, reads: int = 16, repeat: int = 7, context: int = 16, batch:
 
             one()
             dense = _mean_time(one, repeat)
-            contention = _background_cost(one, store, rt, repeat) if rt.device.type == "cpu" else 0.0
     finally:
         rt.dry = False
         om._calibrating = hooks_were
@@ -391,44 +381,5 @@ def calibrate(om, *, reads: int = 16, repeat: int = 7, context: int = 16, batch:
     h2d = bandwidth if rt.device.type == "cuda" else None
     return Rates(read_bandwidth=bandwidth, dense_seconds=dense, expert_seconds=t1,
                  expert_seconds_per_token=max(t2 - t1, 0.0), dense_batch=batch, h2d_bandwidth=h2d,
-                 access_seconds=_access_seconds(om.cache), background_seconds_per_byte=contention)
+                 access_seconds=_access_seconds(om.cache))
 
-
-def _background_cost(step, store, rt, repeat: int) -> float:
-    """Compute seconds lost per byte read on a background thread: ``repeat`` dense steps alone,
-    then ``repeat`` with a thread reading experts (in the store's page-cache mode) throughout;
-    (slowdown) / (bytes read meanwhile), 0 when no slowdown shows."""
-    import threading
-
-    from moekit.offload.experts import ExpertWeights
-
-    idx = store.index
-    L, E = len(idx.layers), idx.num_experts
-    alone = _mean_time(step, repeat)
-    stop, nbytes = threading.Event(), [0]
-    counters = ("bytes_read", "reads", "read_seconds")
-    before = {k: getattr(store, k) for k in counters if hasattr(store, k)}
-
-    def reader():
-        i = 0
-        while not stop.is_set():
-            w = store.read(i % L, (i * 11 + 5) % E, None)
-            nbytes[0] += ExpertWeights.nbytes(w)
-            i += 1
-
-    th = threading.Thread(target=reader, name="moekit-calibrate-reader", daemon=True)
-    t0 = time.perf_counter()
-    th.start()
-    try:
-        busy = _mean_time(step, repeat)
-    finally:
-        stop.set()
-        th.join()
-    t_all = time.perf_counter() - t0
-    for k, v in before.items():  # the store's counters are the run's: these reads are not
-        setattr(store, k, v)
-    if not nbytes[0] or busy <= alone:
-        return 0.0
-    # bytes read per second of the busy steps, times the slowdown per step
-    rate = nbytes[0] / t_all
-    return (busy - alone) / (busy * rate)

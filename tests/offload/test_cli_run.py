@@ -50,6 +50,10 @@ def test_json_matches_hf_and_store_made_next_to_model(model, capsys):
     wp = json.loads(out)
     assert rc == 0 and wp["generated_ids"] == want and wp["prefetch_predictor"] == "wholepath"
     assert wp["wholepath_guesses"] > 0 and wp["peak_expert_bytes"] <= wp["budget_bytes"]
+    assert res["prefetch"] is False  # on CPU prefetch is opt-in (a predictor flag opts in)
+    rc, out, err = _run(capsys, "--model", d, "--budget", "1GiB", "--prompt-ids", ids, "--no-prefetch",
+                        "--prefetch-predictor", "wholepath")
+    assert rc == 2 and out == "" and "--prefetch-predictor needs prefetching" in err
 
 
 def test_budget_below_minimum(model, capsys):
