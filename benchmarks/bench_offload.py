@@ -9,8 +9,9 @@ device's cache) and global Belady; prints a table and ends with one JSON line.
 ``--e2e`` (target 2, :func:`e2e_target`): an OLMoE-like model with random weights (fp32, 8 layers
 x 64 experts, top-8; experts 1.7 GiB) saved with ``save_pretrained`` under ``--cache-dir``;
 greedy decode with the page cache defeated, each variant in a fresh process, interleaved:
-``moekit`` (load_offloaded, default policy, every runner speed-up on), ``lru`` (per-layer LRU,
-on demand, no prefetch: the baseline) at the same expert budget, and ``accelerate``
+``moekit`` (load_offloaded as ``moekit run`` runs it on a CPU: default policy, overlapped
+misses, no prefetch; ``--variants`` adds ``moekit-prefetch``, ``moekit-wholepath``,
+``lru-overlap``), ``lru`` (per-layer LRU, on demand, no prefetch: the baseline) at the same expert budget, and ``accelerate``
 (transformers ``from_pretrained(device_map="auto", max_memory={"cpu": budget + dense bytes},
 offload_folder=...)``). Reports tokens/s, ratios, bytes from the device per token (/proc/self/io),
 the I/O bound and the throughput model's prediction; ends with one JSON line.
@@ -233,10 +234,10 @@ E2E_CONFIGS = {
 }
 E2E_PROMPT_LEN = 16
 VARIANTS = ("moekit", "lru", "accelerate")
-MOEKIT_VARIANTS = ("moekit", "moekit-noprefetch", "lru", "moekit-wholepath", "lru-overlap")  # optional:
-# noprefetch separates prefetch from the policy; wholepath prefetches with the whole-path predictor instead of
-# the router look-ahead; lru-overlap is the baseline's policy with the runtime's overlapped miss reads
-EXTRA_VARIANTS = ("moekit-noprefetch", "moekit-wholepath", "lru-overlap")
+MOEKIT_VARIANTS = ("moekit", "moekit-prefetch", "lru", "moekit-wholepath", "lru-overlap")  # optional:
+# prefetch (router look-ahead) or whole-path prefetch on top of the defaults; lru-overlap is the baseline's
+# policy with the runtime's overlapped miss reads (see _moekit_options)
+EXTRA_VARIANTS = ("moekit-prefetch", "moekit-wholepath", "lru-overlap")
 
 
 def machine_info() -> dict:
@@ -360,30 +361,16 @@ def _prompt(size: str) -> list[int]:
 
 
 def _moekit_options(variant: str) -> dict:
-    """load_offloaded keyword arguments of a variant, picking up options the runner has now
-    (prefetch, predictor) by its signature: ``moekit`` = every speed-up it offers, on its
-    defaults; ``lru`` = per-layer LRU, on demand only (prefetch off)."""
-    import inspect
-
-    from moekit.offload.runner import load_offloaded
-
-    params = inspect.signature(load_offloaded).parameters
-    opts: dict = {}
-    if variant in ("lru", "moekit-noprefetch", "lru-overlap"):
-        opts["policy"] = "lru" if variant.startswith("lru") else params["policy"].default
-        for k in ("prefetch", "lookahead", "predictor"):
-            if k in params:
-                p = params[k].default
-                opts[k] = False if isinstance(p, bool) else (0 if isinstance(p, int) else None)
-        if variant == "lru" and "overlap_misses" in params:  # on demand: each miss read before the layer computes
-            opts["overlap_misses"] = False
-    else:
-        opts["policy"] = params["policy"].default
-        if "prefetch" in params and params["prefetch"].default in (False, 0, None):
-            opts["prefetch"] = True if isinstance(params["prefetch"].default, bool) or \
-                params["prefetch"].default is None else "auto"
-        if variant == "moekit-wholepath":
-            opts["prefetch_predictor"] = "wholepath"
+    """load_offloaded keyword arguments of a variant: ``moekit`` = what ``moekit run`` does by
+    default on a CPU (default policy, overlapped misses, no prefetch); ``moekit-prefetch`` /
+    ``moekit-wholepath`` add look-ahead / whole-path prefetch; ``lru`` = the baseline, per-layer
+    LRU on demand (each miss read before the layer computes, no prefetch); ``lru-overlap`` = LRU
+    with overlapped misses."""
+    if variant.startswith("lru"):
+        return {"policy": "lru", "prefetch": False, "overlap_misses": variant == "lru-overlap"}
+    opts: dict = {"prefetch": variant != "moekit"}
+    if variant == "moekit-wholepath":
+        opts["prefetch_predictor"] = "wholepath"
     return opts
 
 
