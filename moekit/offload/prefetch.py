@@ -79,9 +79,12 @@ class Prefetcher:
         self.paused = False
         self.gated = bool(gated)
         self._issued: list[set[int]] = [set() for _ in range(self.L)]
-        self._n_issued = self._used_issued = 0
-        self._layer_hits = [0] * self.L
-        self._layer_requests = [0] * self.L
+        # the gate's measurements, per phase ("prefill" / "decode"): a prompt's many tokens miss
+        # far more and use guesses far more often than one decoded token does
+        self._n_issued = {"prefill": 0, "decode": 0}
+        self._used_issued = {"prefill": 0, "decode": 0}
+        self._layer_hits = {"prefill": [0] * self.L, "decode": [0] * self.L}
+        self._layer_requests = {"prefill": [0] * self.L, "decode": [0] * self.L}
         self._index = {id(m): i for i, m in enumerate(self.layers)}
         self._pred_TK: list[Optional[torch.Tensor]] = [None] * self.L
         self.recall_hits = {"prefill": 0, "decode": 0}
@@ -155,7 +158,9 @@ class Prefetcher:
         that their access used (``precision``); a resident, by the layer's hits per access over
         its slots (hit rate x K / quota: a resident expert's chance of being used). When the
         cache already serves nearly every request from what it keeps (small budgets, repetitive
-        routing), prefetching would only evict useful experts and load the link; it stops."""
+        routing), prefetching would only evict useful experts and load the link; it stops. Both
+        are measured per phase: the prompt's accesses (cold cache, many tokens) would make a
+        decoded token's guesses look better and the residents worse than they are."""
         cache = self.runtime.cache
         res = cache.resident(t)
         new = [e for e in ranked if e not in res]
@@ -165,9 +170,11 @@ class Prefetcher:
         if len(new) <= free or not self.gated:
             return ranked
         k = self.layers[t].config.top_k
-        h = self._layer_hits[t] / self._layer_requests[t] if self._layer_requests[t] else 0.0
+        ph = cache.phase
+        hits, reqs = self._layer_hits[ph][t], self._layer_requests[ph][t]
+        h = hits / reqs if reqs else 0.0
         p_resident = h * k / cache.quotas[t]
-        p_guess = self.precision()
+        p_guess = self.precision(ph)
         if p_guess > p_resident:
             return ranked
         keep, n_free = [], free
@@ -179,9 +186,11 @@ class Prefetcher:
                 n_free -= 1
         return keep
 
-    def precision(self) -> float:
-        """Measured fraction of issued prefetches used by their layer's next access (prior 0.5)."""
-        return (self._used_issued + 1.0) / (self._n_issued + 2.0)
+    def precision(self, phase: Optional[str] = None) -> float:
+        """Measured fraction of issued prefetches used by their layer's next access (prior 0.5),
+        in ``phase`` ("prefill" / "decode"; None: both)."""
+        phases = (phase,) if phase else ("prefill", "decode")
+        return (sum(self._used_issued[p] for p in phases) + 1.0) / (sum(self._n_issued[p] for p in phases) + 2.0)
 
     def _predict(self, x_TD: torch.Tensor, targets: list[int]) -> list[torch.Tensor]:
         """[T, K] per target layer. Softmax routers: lookahead_topk on the router weights (and
@@ -217,13 +226,14 @@ class Prefetcher:
             return
         l = self._index[id(module)]
         used_set = set(routing.topk_ids_TK.reshape(-1).tolist()) - {-1}
+        ph = self.runtime.cache.phase
         if self._issued[l]:
-            self._n_issued += len(self._issued[l])
-            self._used_issued += len(self._issued[l] & used_set)
+            self._n_issued[ph] += len(self._issued[l])
+            self._used_issued[ph] += len(self._issued[l] & used_set)
             self._issued[l] = set()
         res = self.runtime.cache.resident(l)  # before this access: what the cache kept
-        self._layer_hits[l] += len(used_set & res)
-        self._layer_requests[l] += len(used_set)
+        self._layer_hits[ph][l] += len(used_set & res)
+        self._layer_requests[ph][l] += len(used_set)
         pred = self._pred_TK[l]
         self._pred_TK[l] = None
         used = routing.topk_ids_TK

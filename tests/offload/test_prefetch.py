@@ -161,3 +161,28 @@ def test_wholepath_options_checked(setup):
                        path_predictor=WholePathPredictor(5, 8, 2), progress=False)
     with pytest.raises(ValueError, match="need prefetch=True"):
         load_offloaded(model_dir, "1GiB", store_dir=store_dir, prefetch_predictor="wholepath", progress=False)
+
+
+def test_gate_measures_guesses_and_residents_per_phase(setup):
+    """The gate's likelihoods come from the current phase only: guesses that paid off in the
+    prompt (cold cache, many tokens) do not let a decoded token's guesses evict residents that
+    decoding keeps using."""
+    model_dir, store_dir, _ = setup["olmoe"]
+    lo, _ = _bounds(model_dir, store_dir)
+    with load_offloaded(model_dir, lo, store_dir=store_dir, progress=False, prefetch=True, horizon=1) as om:
+        pf, cache = om.prefetcher, om.cache
+        t = 1
+        cache.prefetch(t, list(range(cache.quotas[t])))  # the layer's slots full
+        om.runtime.drain()
+        res = sorted(cache.resident(t))
+        new = [e for e in range(om.store.index.num_experts) if e not in res][:2]
+        # prompt: every guess used, residents never hit; decoding: the other way round
+        pf._n_issued.update(prefill=100, decode=100)
+        pf._used_issued.update(prefill=100, decode=0)
+        pf._layer_hits["prefill"][t], pf._layer_requests["prefill"][t] = 0, 100
+        pf._layer_hits["decode"][t], pf._layer_requests["decode"][t] = 100, 100
+        cache.set_phase("prefill")
+        assert pf._gate(t, new + res[:1]) == new + res[:1]   # guesses likelier: read them
+        cache.set_phase("decode")
+        assert pf._gate(t, new + res[:1]) == res[:1]         # residents likelier: no eviction
+        assert pf.precision("decode") < 0.02 < 0.98 < pf.precision("prefill")
