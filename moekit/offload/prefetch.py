@@ -186,11 +186,10 @@ class Prefetcher:
                 n_free -= 1
         return keep
 
-    def precision(self, phase: Optional[str] = None) -> float:
-        """Measured fraction of issued prefetches used by their layer's next access (prior 0.5),
-        in ``phase`` ("prefill" / "decode"; None: both)."""
-        phases = (phase,) if phase else ("prefill", "decode")
-        return (sum(self._used_issued[p] for p in phases) + 1.0) / (sum(self._n_issued[p] for p in phases) + 2.0)
+    def precision(self, phase: str) -> float:
+        """Measured fraction of issued prefetches used by their layer's next access in ``phase``
+        ("prefill" / "decode"), prior 0.5."""
+        return (self._used_issued[phase] + 1.0) / (self._n_issued[phase] + 2.0)
 
     def _predict(self, x_TD: torch.Tensor, targets: list[int]) -> list[torch.Tensor]:
         """[T, K] per target layer. Softmax routers: lookahead_topk on the router weights (and

@@ -30,9 +30,11 @@ time is ``max((k - n) * t_e, t_read(n)) + n * t_e`` instead of ``k * t_e + t_rea
 
 Reads on a background thread are taken to cost the compute beside them nothing: a probe that
 timed dense steps beside a thread reading experts without pause measured 1.0-1.2 ms of compute
-lost per MiB read on this 2-core box, but charging that rate predicted the variants with
-background reads 13-30 % slower than they ran (reads in bursts between the layer's computes cost far less than
-a reader that never stops), so it was dropped (benchmarks/RESULTS.md). The bound is ``"io"`` when the link
+lost per MiB read on a 2-core box, but charging that rate predicted the variants with background
+reads 13-30 % slower than they ran (reads in bursts between a layer's computes cost far less than
+a reader that never stops), so it was dropped (benchmarks/RESULTS.md).
+
+The bound is ``"io"`` when the link
 sets the pace (the prefetch reads take at least the compute they hide under) or the demand
 reads take longer than the compute on the critical path, else ``"compute"``; the I/O bound
 (tokens/s if reading were all the work) is ``B / t_read(demand + prefetch)`` and the compute
@@ -382,4 +384,3 @@ def calibrate(om, *, reads: int = 16, repeat: int = 7, context: int = 16, batch:
     return Rates(read_bandwidth=bandwidth, dense_seconds=dense, expert_seconds=t1,
                  expert_seconds_per_token=max(t2 - t1, 0.0), dense_batch=batch, h2d_bandwidth=h2d,
                  access_seconds=_access_seconds(om.cache))
-

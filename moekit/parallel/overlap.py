@@ -356,9 +356,7 @@ class _Waves(_Transport):
 
     def __init__(self, plan, stage_list, group, timeout, what, overlap: str):
         super().__init__(plan, stage_list, group, timeout, what)
-        if stages(overlap, plan.W, plan.rank, plan.B) != list(stage_list):
-            raise AssertionError("_Waves: the stage list is not the scheme's")
-        self.schedule = wave_schedule(overlap, plan)
+        self.schedule = wave_schedule(overlap, plan)  # over the same stages(overlap, W, rank, B)
 
     def start(self, rows_RD, D_out):
         super().start(rows_RD, D_out)
@@ -427,12 +425,10 @@ class _Waves(_Transport):
     def finish(self, out_RD):
         if self.posted != len(self.schedule) or self.results:
             raise AssertionError("_Waves: a wave was not posted")  # a schedule/pipeline mismatch
-        for label in [lb for lb in self.need if lb[0] == "C"]:
+        for label in list(self.need):  # the C waves: every D wave was waited before its stage
             self._wait(label, f"{self.what}: results of stage {label[1]} (wave C{label[1]})")
         for (q, j), buf in self.returns.items():
             out_RD.index_copy_(0, self.plan.send_index(q, j), buf)
-        for label in list(self.need):
-            self._wait(label, f"{self.what}: wave {label[0]}{label[1]}")
         for work, _ in self.later:
             if work is not None:
                 self._wait_work(work, f"{self.what}: send")
@@ -459,12 +455,10 @@ class _Pipeline:
         self.plan, self.stages, self.mode = plan, stage_list, mode
         if mode == "comp":
             self.transport = _Transport(plan, stage_list, group, timeout, what)
-        elif transport == "waves":
+        elif transport == "waves":  # resolved by the dispatcher (resolve_transport): "tagged" or "waves"
             self.transport = _Waves(plan, stage_list, group, timeout, what, overlap)
-        elif transport == "tagged":
-            self.transport = _Tagged(plan, stage_list, group, timeout, what)
         else:
-            raise ValueError(f"transport={transport!r}: expected 'tagged' or 'waves'")
+            self.transport = _Tagged(plan, stage_list, group, timeout, what)
 
     def run(self, rows_RD: torch.Tensor, compute: Callable, D_out: int) -> torch.Tensor:
         plan, rank, t = self.plan, self.plan.rank, self.transport

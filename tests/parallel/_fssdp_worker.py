@@ -120,6 +120,15 @@ def _steps(ref, model, opt_r, opt, x, gy, lo, hi, W, n):
         opt.step()
 
 
+def _adam_resumed(ref, optim_state):
+    """Adam over ``ref`` continuing from a full optimizer state (``full_optim_state``'s layout)."""
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    params = dict(ref.named_parameters())
+    for n, st in optim_state.items():
+        opt.state[params[n]] = {k: v.clone() for k, v in st.items()}
+    return opt
+
+
 def _optimizer(name, params):
     return torch.optim.SGD(params, lr=0.2) if name == "sgd" else torch.optim.Adam(params, lr=1e-2)
 
@@ -276,22 +285,12 @@ def scenario_state_dict(rank, W):
             assert torch.equal(osd[n][k], osd2[n][k]), (n, k)
     x, gy, bounds = batch(W)
     lo, hi = bounds[rank], bounds[rank + 1]
-    opt_r = torch.optim.Adam(ref.parameters(), lr=1e-2)
     single = make_net(seed=9)
     single.load_state_dict(sd)
     with torch.no_grad():
         torch.testing.assert_close(other(x[lo:hi]), single(x)[lo:hi], rtol=1e-12, atol=1e-12)
-    # the reference continues from the same state: rebuild its Adam state from the full one
-    ref_params = dict(ref.named_parameters())
-    for n, st in osd.items():
-        opt_r.state[ref_params[n]] = {k: v.clone() for k, v in st.items()}
-    for _ in range(2):
-        opt_r.zero_grad()
-        ((ref(x) * gy).sum() / W).backward()
-        opt_r.step()
-        opt2.zero_grad()
-        (other(x[lo:hi]) * gy[lo:hi]).sum().backward()
-        opt2.step()
+    # the reference continues from the same state: its Adam state rebuilt from the full one
+    _steps(ref, other, _adam_resumed(ref, osd), opt2, x, gy, lo, hi, W, 2)
     _compare(other, ref, dict(rtol=1e-5, atol=1e-5), "resumed from a full checkpoint")
 
 
@@ -378,12 +377,8 @@ def scenario_ckpt_load(rank, W):
             assert torch.equal(osd2[n][k], v), (n, k)
     ref = make_net(seed=9)
     ref.load_state_dict(ck["model"])
-    opt_r = torch.optim.Adam(ref.parameters(), lr=1e-2)
-    ref_params = dict(ref.named_parameters())
-    for n, st in ck["optim"].items():
-        opt_r.state[ref_params[n]] = {k: v.clone() for k, v in st.items()}
     x, gy, bounds = batch(W, seed=3)
-    _steps(ref, model, opt_r, opt, x, gy, bounds[rank], bounds[rank + 1], W, 3)
+    _steps(ref, model, _adam_resumed(ref, ck["optim"]), opt, x, gy, bounds[rank], bounds[rank + 1], W, 3)
     _compare(model, ref, dict(rtol=1e-5, atol=1e-5), f"resumed at W={W} from W={ck['world_size']}")
 
 
