@@ -526,18 +526,18 @@ def fssdp(model: nn.Module, group=None, *, memory_cap: Optional[int] = None, ove
         ctl._hooks.append(layer.register_forward_hook(lambda mod, args, out, l=l: ctl.after_layer(l, mod)))
     ctl._hooks.append(model.register_forward_pre_hook(ctl.begin_step))
     model._fssdp = ctl  # a plain attribute: not a submodule, not in the state dict
+    if dense is not None:  # the dense parameters' own group (its collectives run apart from the experts')
+        dgroup = dist.new_group(ranks=dist.get_process_group_ranks(group), timeout=timeout)
     if dense == "fsdp2":  # averages the dense gradients over the mesh, as DDP does
         from torch.distributed.device_mesh import DeviceMesh
 
         from moekit.parallel.recipes import shard_dense
 
-        dgroup = dist.new_group(ranks=dist.get_process_group_ranks(group), timeout=timeout)
         return shard_dense(model, DeviceMesh.from_group(dgroup, device_type=_device_type(model)))
     if dense == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
-        dgroup = dist.new_group(ranks=dist.get_process_group_ranks(group), timeout=timeout)
         with warnings.catch_warnings():  # the layers' load counters are rank-local: never synced
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             return DDP(model, process_group=dgroup, broadcast_buffers=False)
